@@ -1,0 +1,1 @@
+"""Triton kernels behind :mod:`srcid.ops` (installed as ``srcid.kernels``)."""

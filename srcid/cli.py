@@ -1,0 +1,58 @@
+"""The ``srcid`` command line.
+
+Each command group lives in its own module with a ``register(subparsers)``
+function; this file only assembles them and turns a :class:`SrcidError` into
+one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from srcid import __version__
+from srcid.errors import SrcidError
+
+# command-group modules, in the order `srcid --help` lists them
+COMMAND_MODULES = [
+    "srcid.data.commands",
+]
+
+
+def add_kernels_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--kernels`` flag every compute command takes (see :mod:`srcid.ops`)."""
+    parser.add_argument(
+        "--kernels", choices=("auto", "fused", "reference"), default=None,
+        help="implementation of the hot ops (default: $SRCID_KERNELS, else auto = fused on CUDA)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srcid", description="SRCID: one discrete codebook shared by audio, video and text.")
+    parser.add_argument("--version", action="version", version=f"srcid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "kernels", None):
+            from srcid.ops import set_kernels
+
+            set_kernels(args.kernels)
+        result = args.func(args)
+    except SrcidError as exc:
+        print(f"srcid: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("srcid: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Downstream evaluation: heads, metrics, tasks and the paper's tables."""

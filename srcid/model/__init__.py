@@ -1,0 +1,1 @@
+"""The SRCID model and its DCID baselines: encoders, quantizers, losses, variants."""

@@ -1,0 +1,1 @@
+"""Training: the step, the warm-start schedule, checkpoints, logs and the distributed engine."""
