@@ -1,0 +1,1 @@
+"""Feature datasets: the manifest, shard writing, reading, validation, synthesis and import."""

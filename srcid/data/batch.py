@@ -1,0 +1,63 @@
+"""The batch: what the reader yields and the model consumes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Batch:
+    """A batch of clips as float32 tensors.
+
+    * ``features[m]``: ``[B, T, ...]`` float32 for each modality ``m`` the batch
+      carries (``"audio"``, ``"video"``, ``"text"``); a modality with a varying
+      first dimension (text tokens) is zero-padded to the longest clip.
+    * ``masks[m]``: ``[B, T]`` bool, True on real (not padded) steps; present
+      for every modality in ``features``.
+    * ``labels``: ``[B]`` int64 clip-level class, ``-1`` where the clip has none.
+    * ``segments[m]``: ``[B, T, C]`` float32 multi-hot per-segment labels for the
+      modalities whose ``meta.json`` carries them (C = number of classes).
+    * ``keys`` and ``captions``: per clip, in batch order.
+    """
+
+    keys: list
+    features: dict
+    masks: dict
+    labels: torch.Tensor
+    segments: dict = dataclasses.field(default_factory=dict)
+    captions: list = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def modalities(self) -> tuple:
+        return tuple(self.features)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
+        return dataclasses.replace(
+            self,
+            features=move(self.features),
+            masks=move(self.masks),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            segments=move(self.segments),
+        )
+
+    def pin_memory(self) -> "Batch":
+        pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
+        return dataclasses.replace(
+            self, features=pin(self.features), masks=pin(self.masks), labels=self.labels.pin_memory(), segments=pin(self.segments)
+        )
+
+    def select(self, modalities) -> "Batch":
+        """The same clips with only the given modalities."""
+        keep = lambda d: {k: v for k, v in d.items() if k in modalities}  # noqa: E731
+        return dataclasses.replace(self, features=keep(self.features), masks=keep(self.masks), segments=keep(self.segments))
+
+
+def caption_of(meta: dict) -> Optional[str]:
+    caption = meta.get("caption")
+    return caption if isinstance(caption, str) else None

@@ -1,0 +1,58 @@
+"""``srcid data ...``: synthesize, check and import feature datasets."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _synth(args) -> int:
+    from srcid.data.synth import synthesize
+
+    written = synthesize(args.preset, args.out, seed=args.seed)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _check(args) -> int:
+    from srcid.data.validate import check_path
+
+    reports = check_path(args.path, skip_bad=args.skip_bad, workers=args.workers)
+    for report in reports:
+        print(report.summary())
+    return 0
+
+
+def _import(args) -> int:
+    from srcid.data.importers import run_importer
+
+    manifest_paths = run_importer(args.layout, args.src, args.out, max_samples_per_shard=args.shard_size)
+    for path in manifest_paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="synthesize, check and import feature datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = data_sub.add_parser("synth", help="write the synthetic default datasets (no download)")
+    p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small")
+    p.add_argument("--out", type=Path, required=True, help="folder that receives pretrain/, ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    p = data_sub.add_parser("check", help="validate a dataset (or a folder of datasets) against its manifest")
+    p.add_argument("path", type=Path, help="a dataset folder (with dataset.json) or a folder of them")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad samples instead of failing, and report how many")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0 = read in this process)")
+    p.set_defaults(func=_check)
+
+    from srcid.data.importers import LAYOUTS
+
+    p = data_sub.add_parser("import", help="convert an original feature layout into feature shards")
+    p.add_argument("layout", choices=sorted(LAYOUTS))
+    p.add_argument("--src", type=Path, required=True, help="the original dataset's root folder")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.set_defaults(func=_import)
