@@ -127,6 +127,8 @@ def nearest_code(x, codebook, *, values=None, stats=False, groups=1, impl=None) 
     """Nearest code of each row of ``x`` ``[N, D]`` in ``codebook`` ``[L, D]``.
 
     Returns ``(indices, sq_dist, counts, sums)``; see :class:`NearestCode`.
+    ``sq_dist`` comes from the expansion ``||x||^2 - 2 x.c + ||c||^2`` and loses
+    digits for rows far from the origin: losses recompute ``||x - c||^2`` directly.
     ``values`` (default ``x``) are the rows summed per assigned code, so MMEMA
     can sum mixed vectors under one modality's assignment. Never builds a
     dense ``N x L`` one-hot.
@@ -135,6 +137,25 @@ def nearest_code(x, codebook, *, values=None, stats=False, groups=1, impl=None) 
         _check_nearest_inputs(x, codebook, values, groups)
         return _fused().nearest_code_fused(x, codebook, values=values, stats=stats, groups=groups)
     return nearest_code_reference(x, codebook, values=values, stats=stats, groups=groups)
+
+
+def _check_ema_inputs(cluster_size, embed_sum, codebook, counts, sums):
+    num_codes, dim = codebook.shape if codebook.dim() == 2 else (-1, -1)
+    grouped = counts.dim() == 2
+    ok = (
+        codebook.dim() == 2
+        and cluster_size.shape == (num_codes,)
+        and embed_sum.shape == (num_codes, dim)
+        and counts.dim() in (1, 2)
+        and counts.shape[-1] == num_codes
+        and sums.shape == ((counts.shape[0], num_codes, dim) if grouped else (num_codes, dim))
+    )
+    if not ok:
+        raise SrcidError(
+            f"ema_update_: codebook {tuple(codebook.shape)} [L, D] needs cluster_size [L], embed_sum [L, D], "
+            f"counts [L] or [G, L] and sums [L, D] or [G, L, D]; got cluster_size {tuple(cluster_size.shape)}, "
+            f"embed_sum {tuple(embed_sum.shape)}, counts {tuple(counts.shape)}, sums {tuple(sums.shape)}"
+        )
 
 
 @torch.no_grad()
@@ -146,6 +167,7 @@ def ema_update_reference(cluster_size, embed_sum, codebook, counts, sums, *, dec
     ``n * (cluster_size + eps) / (n + L*eps)`` with ``n = sum(cluster_size)``;
     ``codebook = embed_sum / smoothed``.
     """
+    _check_ema_inputs(cluster_size, embed_sum, codebook, counts, sums)
     if counts.dim() == 1:
         counts, sums = counts[None], sums[None]
     num_codes = codebook.shape[0]
@@ -181,14 +203,16 @@ def club_loglik_reference(mu, logvar, y) -> ClubLoglik:
 
     ``negative[i]`` averages over all j of the batch dimension N (dim -2)
     through the moment identity
-    ``mean_j (y_j - mu_i)^2 = mean(y^2) - 2 mu_i mean(y) + mu_i^2``.
+    ``mean_j (y_j - mu_i)^2 = mean(y^2) - 2 mu_i mean(y) + mu_i^2 = var(y) + (mean(y) - mu_i)^2``.
     """
     _check_club_inputs(mu, logvar, y)
     inv_var = torch.exp(-logvar)
     positive = -0.5 * ((y - mu) ** 2 * inv_var).sum(-1)
+    # Centred form of the same identity, mean_j (y_j - mu_i)^2 = var(y) + (mean(y) - mu_i)^2,
+    # which does not cancel catastrophically when y and mu share a large offset.
     mean_y = y.mean(dim=-2, keepdim=True)
-    mean_y2 = (y * y).mean(dim=-2, keepdim=True)
-    negative = -0.5 * ((mean_y2 - 2.0 * mu * mean_y + mu * mu) * inv_var).sum(-1)
+    var_y = ((y - mean_y) ** 2).mean(dim=-2, keepdim=True)
+    negative = -0.5 * ((var_y + (mean_y - mu) ** 2) * inv_var).sum(-1)
     loglik = positive - 0.5 * logvar.sum(-1)
     return ClubLoglik(positive, negative, loglik)
 
