@@ -1,0 +1,433 @@
+"""Checkpoints: written atomically, the last n kept, resumed exactly, loaded without unpickling code.
+
+Layout of a run directory::
+
+    run_dir/checkpoints/
+        step-00001234/        complete checkpoints (each holds a COMPLETE file)
+        latest                the name of the newest complete checkpoint
+        .tmp-step-00001240/   a checkpoint being written (never loaded)
+
+:class:`CheckpointManager` writes each checkpoint into ``.tmp-step-N`` and
+renames it to ``step-N`` only once every rank has finished its part, so a
+crash or a full disk never leaves a half-written checkpoint under a final
+name. The rest of the module saves and restores the state that DeepSpeed
+does not hold: RNG states (per rank), small JSON state (step, epoch,
+position in the epoch, warm-start state, config) and plain tensor files.
+Every load is ``torch.load(weights_only=True)``: only tensors and plain
+containers are read back, never arbitrary pickled objects (DeepSpeed's own
+loader is run under a forced ``weights_only`` with a short allowlist of
+DeepSpeed data classes, see :func:`load_engine`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from srcid.errors import SrcidError
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_FILE = "COMPLETE"
+LATEST_FILE = "latest"
+TRAIN_STATE_FILE = "train_state.json"
+ENGINE_TAG = "engine"
+_FINAL_RE = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _load_error(error: BaseException) -> str:
+    """One line for a failed load; names the refused global of a weights-only load."""
+    match = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+    if match:
+        return f"refused to unpickle {match.group(1)} (only tensors and plain containers are loaded)"
+    return _one_line(error)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (works for files written by other processes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint of ``step``: ``step-00001234``."""
+    return f"step-{step:08d}"
+
+
+def checkpoint_step(path) -> int:
+    """The step a checkpoint directory belongs to (from its name)."""
+    match = _FINAL_RE.match(Path(path).name)
+    if not match:
+        raise SrcidError(f"{path}: not a checkpoint directory (expected a name like step-00001234)")
+    return int(match.group(1))
+
+
+def is_complete(path) -> bool:
+    """Whether ``path`` is a finished checkpoint directory."""
+    path = Path(path)
+    return _FINAL_RE.match(path.name) is not None and (path / COMPLETE_FILE).is_file()
+
+
+class CheckpointManager:
+    """Atomic checkpoints in ``run_dir/checkpoints``, keeping the newest ``keep_last``.
+
+    Multi-rank protocol: every rank constructs the manager with its ``rank``,
+    the ``world_size`` and a ``barrier`` callable (e.g.
+    ``torch.distributed.barrier``), and every rank calls :meth:`save` with the
+    same step. Then
+
+    1. rank 0 removes stale temporary directories of crashed saves and
+       creates ``.tmp-step-N``; barrier;
+    2. every rank runs ``write_fn(tmp_dir)`` (e.g. DeepSpeed's
+       ``save_checkpoint``, which writes per-rank ZeRO shards, plus the
+       rank's RNG file) and, if it succeeded, a per-rank done-marker;
+       barrier;
+    3. rank 0 checks that all ``world_size`` markers are there, fsyncs the
+       tree, writes ``COMPLETE``, renames to ``step-N``, updates ``latest``
+       and prunes old checkpoints; if a marker is missing it deletes the
+       temporary directory instead; barrier;
+    4. every rank checks that ``step-N/COMPLETE`` exists: all ranks return
+       the same final path, or all raise :class:`SrcidError`.
+
+    Ranks do not exchange the directory name: it is a function of the step.
+    A rank whose ``write_fn`` fails still takes part in the barriers and
+    raises afterwards, so no rank waits forever. The checkpoint directory
+    must be on a file system all ranks see (as for DeepSpeed's own
+    checkpoints). Only one run may write to a ``run_dir`` at a time.
+    """
+
+    def __init__(self, run_dir, keep_last: int = 3, *, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], object] | None = None):
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise SrcidError(f"checkpoint keep_last must be an int >= 1, got {keep_last!r}")
+        if not 0 <= rank < world_size:
+            raise SrcidError(f"checkpoint manager: rank {rank} is outside world size {world_size}")
+        if world_size > 1 and barrier is None:
+            raise SrcidError("checkpoint manager: a barrier callable is needed when world_size > 1")
+        self.run_dir = Path(run_dir)
+        self.directory = self.run_dir / CHECKPOINTS_DIR
+        self.keep_last = keep_last
+        self.rank, self.world_size = rank, world_size
+        self._barrier = barrier if barrier is not None else (lambda: None)
+
+    def path_for(self, step: int) -> Path:
+        """Final directory of the checkpoint of ``step``."""
+        return self.directory / checkpoint_name(step)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and is_complete(p)]
+        return sorted(found, key=checkpoint_step)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None; temporary and incomplete directories are ignored."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def _marker(self, rank: int) -> str:
+        return f".rank-{rank:05d}.done"
+
+    def _clean_stale(self) -> None:
+        for entry in self.directory.iterdir():
+            if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) or (
+                    entry.name.startswith(f".{LATEST_FILE}.tmp-")):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    def _discard(self, path: Path) -> None:
+        """Rename to a trash name (atomic, so it never looks complete), then delete."""
+        trash = path.with_name(f"{_TRASH_PREFIX}{path.name}")
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+        for rank in range(self.world_size):
+            (tmp / self._marker(rank)).unlink()
+        _fsync_tree(tmp)
+        info = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_atomic(tmp / COMPLETE_FILE, (json.dumps(info) + "\n").encode())
+        if final.exists():
+            self._discard(final)
+        os.replace(tmp, final)
+        _fsync_path(self.directory)
+        # The checkpoint is complete from here on; the pointer and the pruning
+        # are housekeeping, so their failure is a warning, not a failed save.
+        try:
+            _write_atomic(self.directory / LATEST_FILE, (final.name + "\n").encode())
+            for old in self.checkpoints()[:-self.keep_last]:
+                self._discard(old)
+        except OSError as exc:
+            warnings.warn(f"checkpoint {final} is complete, but updating {self.directory / LATEST_FILE} "
+                          f"or removing old checkpoints failed: {_one_line(exc)}", stacklevel=3)
+
+    def save(self, step: int, write_fn: Callable[[Path], object]) -> Path:
+        """Write the checkpoint of ``step`` through ``write_fn(tmp_dir)``; return its final path.
+
+        On failure the previous checkpoints are untouched and every rank
+        raises a one-line :class:`SrcidError` naming the directory.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise SrcidError(f"checkpoint step must be a non-negative int, got {step!r}")
+        final = self.path_for(step)
+        tmp = self.directory / f"{_TMP_PREFIX}{final.name}"
+        previous = self.latest()
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._clean_stale()
+                tmp.mkdir()
+            except OSError as exc:
+                error = exc
+        self._barrier()
+        if error is None:
+            try:
+                if not tmp.is_dir():
+                    raise FileNotFoundError(f"temporary directory {tmp} is missing (rank 0 could not create it)")
+                write_fn(tmp)
+                with open(tmp / self._marker(self.rank), "wb") as handle:
+                    os.fsync(handle.fileno())
+            except Exception as exc:  # reported below as one line, with the cause chained
+                error = exc
+        self._barrier()
+        if self.rank == 0:
+            missing = [r for r in range(self.world_size) if not (tmp / self._marker(r)).exists()]
+            try:
+                if missing or error is not None:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    self._commit(step, tmp, final)
+            except OSError as exc:
+                error = error or exc
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        kept = f"; the previous checkpoint {previous} is kept" if previous else ""
+        if error is not None:
+            raise SrcidError(f"could not write checkpoint {tmp} (rank {self.rank}): "
+                             f"{_one_line(error)}{kept}") from error
+        if not is_complete(final):
+            raise SrcidError(f"checkpoint {final} was not completed: another rank failed to write its part "
+                             f"(see its error){kept}")
+        return final
+
+
+# ---------------------------------------------------------------- tensors and JSON
+
+def save_tensors(path, obj) -> None:
+    """``torch.save`` a structure of tensors and plain values to ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path, map_location="cpu"):
+    """Load a :func:`save_tensors` file with ``weights_only=True`` (no arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SrcidError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise SrcidError(f"{path}: cannot load: {_load_error(exc)}") from None
+
+
+def write_json_atomic(path, data) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    try:
+        text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise SrcidError(f"{path}: cannot write as JSON: {_one_line(exc)}") from None
+    _write_atomic(Path(path), (text + "\n").encode())
+
+
+def read_json(path) -> dict:
+    """Read a JSON object written by :func:`write_json_atomic`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SrcidError(f"{path}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise SrcidError(f"{path}: not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise SrcidError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------- RNG states
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Python, numpy, torch CPU/CUDA and the given generators' states as tensors and plain values."""
+    version, internal, gauss_next = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"bit_generator": str(bit_generator), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what :func:`capture_rng_state` captured (the same generator names must be given)."""
+    expected = {"python", "numpy", "torch", "cuda", "generators"}
+    if not isinstance(state, dict) or set(state) != expected:
+        raise SrcidError(f"RNG state: expected keys {sorted(expected)}, got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    generators = generators or {}
+    saved_names, names = sorted(state["generators"]), sorted(generators)
+    if saved_names != names:
+        raise SrcidError(f"RNG state: saved generators {saved_names}, given {names}")
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if state["cuda"] and len(state["cuda"]) != cuda_count:
+        raise SrcidError(f"RNG state: saved with {len(state['cuda'])} CUDA device(s), this process sees {cuda_count}")
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in generators.items():
+        gen.set_state(state["generators"][name])
+
+
+def rng_state_path(directory, rank: int) -> Path:
+    """Per-rank RNG file inside a checkpoint directory."""
+    return Path(directory) / f"rng-rank{rank:05d}.pt"
+
+
+def save_rng_state(path, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Capture the RNG states and write them to ``path``."""
+    save_tensors(path, capture_rng_state(generators))
+
+
+def load_rng_state(path, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Read RNG states from ``path`` (``weights_only``) and restore them."""
+    state = load_tensors(path)
+    try:
+        restore_rng_state(state, generators)
+    except SrcidError as exc:
+        raise SrcidError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise SrcidError(f"{path}: malformed RNG state: {_one_line(exc)}") from None
+
+
+# ---------------------------------------------------------------- DeepSpeed engine state
+
+def deepspeed_safe_globals() -> list:
+    """DeepSpeed data classes that its ZeRO checkpoints pickle (plain data, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _forced_weights_only(allowed: list):
+    """Make every ``torch.load`` inside the block ``weights_only=True``, with ``allowed`` globals."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def save_engine(engine, directory) -> None:
+    """Write a DeepSpeed engine's state (module, optimizer, ZeRO shards) into ``directory``.
+
+    Every rank must call it (DeepSpeed synchronises inside); meant for the
+    ``write_fn`` of :meth:`CheckpointManager.save`.
+    """
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+
+
+def load_engine(engine, directory, **kwargs) -> dict:
+    """Load :func:`save_engine`'s state into ``engine``; returns DeepSpeed's client state.
+
+    DeepSpeed's loader calls ``torch.load(weights_only=False)``; here it
+    runs with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` set, so only tensors, plain
+    containers and :func:`deepspeed_safe_globals` are accepted. ``kwargs``
+    go to ``engine.load_checkpoint`` (e.g. ``load_optimizer_states``).
+    """
+    directory = Path(directory)
+    if not (directory / ENGINE_TAG).is_dir():
+        raise SrcidError(f"{directory}: no DeepSpeed engine state (missing {ENGINE_TAG}/)")
+    try:
+        with _forced_weights_only(deepspeed_safe_globals()):
+            path, client_state = engine.load_checkpoint(str(directory), tag=ENGINE_TAG, **kwargs)
+    except SrcidError:
+        raise
+    except Exception as exc:
+        raise SrcidError(f"{directory}: cannot load the DeepSpeed engine state: {_load_error(exc)}") from None
+    if path is None:
+        raise SrcidError(f"{directory}: DeepSpeed found no engine state to load under {ENGINE_TAG}/")
+    return client_state or {}
