@@ -1,0 +1,582 @@
+"""Validating feature shards against their manifest (see docs/DATA-FORMAT.md).
+
+One set of checks, used by ``srcid data check`` and by the reader alike:
+
+* :func:`check_shard_files`: the shard files in the folder are exactly the
+  ones the manifest lists.
+* :func:`index_shard`: the tar structure of one shard, read from its member
+  headers only (no data): each sample's key and byte range, members grouped
+  into whole samples, and an intact end of archive. A truncated or corrupt
+  tar is reported by shard name. Indexes are cached per path, mtime and size.
+* :func:`index_split`: all shards of a split, their sample counts against the
+  manifest's, keys unique within the split, and the modalities its samples
+  carry (:func:`split_modalities`: the same for every sample of a split).
+* :func:`read_raw_samples`: the raw samples of chosen byte ranges of a shard,
+  expanded by WebDataset's tar iterators.
+* :func:`decode_sample`: one raw sample checked member by member (presence,
+  ``.npy`` dtype and shape, finite values, labels, segments, caption) and
+  decoded.
+
+:func:`check_path` runs all of them over a dataset, or a folder of datasets,
+and returns one :class:`SplitReport` per split. Every problem is a one-line
+:class:`DataError` naming the shard, key and member (or the manifest, split
+and field). With ``skip_bad`` bad samples, and the unreadable rest of a
+corrupt shard, are skipped and counted in the report instead.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from tqdm import tqdm
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest, shard_name
+from srcid.errors import DataError
+
+META_MEMBER = "meta.json"
+MAX_REASONS = 3  # skip reasons a report quotes
+_BLOCK = tarfile.BLOCKSIZE
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d+)\.tar$")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclasses.dataclass
+class Sample:
+    """One validated clip; ``features`` keeps the stored dtype."""
+
+    key: str
+    features: dict  # modality -> np.ndarray [T, ...]
+    lengths: dict  # modality -> T (first dimension), also for modalities not decoded
+    label: Optional[int]
+    segments: dict  # modality -> list of T lists of class indices
+    caption: Optional[str]
+    meta: dict
+
+
+def _npy_header(data: bytes):
+    """(shape, fortran_order, dtype, data offset) of ``.npy`` bytes, by numpy's own header parser."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    return tuple(shape), fortran, dtype, stream.tell()
+
+
+def _describe_nonfinite(array: np.ndarray) -> str:
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    first = [int(i) for i in np.argwhere(~np.isfinite(array))[0]]
+    return f"{nan} NaN and {inf} Inf values (first at index {first}); features must be finite"
+
+
+def decode_sample(raw: dict, manifest: Manifest, shard: str, *, carried=None, decode: bool = True,
+                  modalities=None) -> Sample:
+    """Check one raw WebDataset sample against ``manifest`` and decode it.
+
+    ``raw`` maps member names (``audio.npy``, ``meta.json``) to bytes, plus
+    ``__key__``. The sample must hold ``meta.json`` and the arrays of the
+    ``carried`` modalities (default: all the manifest declares; see
+    :func:`split_modalities`), each checked for dtype and shape. The arrays
+    of ``modalities`` (default: all carried) are loaded and checked for
+    NaN/Inf, the others only by their ``.npy`` header; ``decode=False`` loads
+    none. Arrays are read by numpy's ``.npy`` header parser and
+    ``np.frombuffer`` (read-only views; nothing is ever unpickled). Raises
+    :class:`DataError` naming shard, key and member.
+    """
+    key = raw.get("__key__")
+
+    def fail(message, member):
+        raise DataError(message, shard=str(shard), key=key, member=member)
+
+    carried = tuple(manifest.modalities) if carried is None else tuple(carried)
+    present = sorted(name for name in raw if not name.startswith("__"))
+    expected = [f"{m}.npy" for m in carried] + [META_MEMBER]
+    if not carried:
+        fail(f"missing; a sample holds at least one of {', '.join(f'{m}.npy' for m in manifest.modalities)}",
+             f"{next(iter(manifest.modalities))}.npy")
+    for member in expected:
+        if member not in raw:
+            fail(f"missing; expected {', '.join(expected)} (found {', '.join(present) or 'nothing'})", member)
+    for member in present:
+        if member not in expected:
+            declared = member.endswith(".npy") and member[:-4] in manifest.modalities
+            why = "the other samples of this split do not carry it" if declared else "not a member of this dataset's samples"
+            fail(f"unexpected member ({why}); expected {', '.join(expected)}", member)
+
+    try:
+        meta = json.loads(raw[META_MEMBER])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"not valid JSON ({_one_line(exc)})", META_MEMBER)
+    if not isinstance(meta, dict):
+        fail(f"must be a JSON object, found {type(meta).__name__}", META_MEMBER)
+
+    features, lengths = {}, {}
+    for modality in carried:
+        spec = manifest.modalities[modality]
+        member = f"{modality}.npy"
+        load = decode and (modalities is None or modality in modalities)
+        data = raw[member]
+        if not data.startswith(np.lib.format.MAGIC_PREFIX):
+            fail("not a .npy array (no NPY header)", member)
+        try:
+            shape, fortran, dtype, offset = _npy_header(data)
+        except (ValueError, EOFError) as exc:
+            fail(f"not a valid .npy header ({_one_line(exc)})", member)
+        if dtype != np.dtype(spec.dtype):
+            fail(f"dtype {dtype}, expected {spec.dtype}", member)
+        if not spec.matches(shape) or shape[0] < 1:
+            expect = ["any>=1" if s is None else s for s in spec.shape]
+            fail(f"shape {list(shape)}, expected {expect}", member)
+        count = math.prod(shape)
+        if len(data) - offset != count * dtype.itemsize:
+            fail(f"array data holds {len(data) - offset} bytes, its header promises {count * dtype.itemsize}", member)
+        if load:
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+            if not np.isfinite(array).all():
+                fail(_describe_nonfinite(array), member)
+            features[modality] = array
+        lengths[modality] = shape[0]
+
+    num_classes = manifest.num_classes
+    label = meta.get("label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes):
+        fail(f"label {label!r} is not null or a class index in [0, {num_classes})", META_MEMBER)
+
+    segments = meta.get("segments", {})
+    if not isinstance(segments, dict):
+        fail(f"segments must be an object mapping a modality to per-step class lists, found {type(segments).__name__}", META_MEMBER)
+    for modality, steps in segments.items():
+        if modality not in carried:
+            fail(f"segments.{modality}: not a modality of this sample ({', '.join(carried)})", META_MEMBER)
+        length = lengths[modality]
+        if not isinstance(steps, list) or len(steps) != length:
+            found = f"{len(steps)} entries" if isinstance(steps, list) else type(steps).__name__
+            fail(f"segments.{modality}: expected a list of {length} class lists (one per step of {modality}.npy), found {found}", META_MEMBER)
+        for t, classes in enumerate(steps):
+            if not isinstance(classes, list):
+                fail(f"segments.{modality}[{t}]: expected a list of class indices, found {classes!r}", META_MEMBER)
+            for c in classes:
+                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+                    fail(f"segments.{modality}[{t}]: {c!r} is not a class index in [0, {num_classes})", META_MEMBER)
+
+    caption = meta.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        fail(f"caption must be a string, found {type(caption).__name__}", META_MEMBER)
+    return Sample(key=key, features=features, lengths=lengths, label=label, segments=segments, caption=caption, meta=meta)
+
+
+# --------------------------------------------------------------------------- shard structure
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpan:
+    """Where one sample's members lie in its shard: bytes ``[start, end)``."""
+
+    key: str
+    start: int
+    end: int
+    members: tuple  # member names without the key: "audio.npy", "meta.json", ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardIndex:
+    """The samples of one shard, from its tar headers.
+
+    ``error`` is set when the tar is truncated or corrupt; ``samples`` then
+    holds the samples whose bytes lie before the damage.
+    """
+
+    path: str
+    samples: tuple
+    error: Optional[DataError] = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+_INDEX_CACHE: dict = {}
+
+
+class _Broken(Exception):
+    """The tar structure of a shard is damaged (internal; becomes a DataError)."""
+
+    def __init__(self, message, key=None, member=None, *, keep_last=True):
+        super().__init__(message)
+        self.key, self.member, self.keep_last = key, member, keep_last
+
+
+def _scan_tar(path: str) -> ShardIndex:
+    spans, seen = [], set()
+    key = start = None  # the sample being collected
+    members: list = []
+    end = 0  # end of the last member's data
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for info in tar:
+                        name = info.name
+                        if not info.isreg():
+                            raise _Broken(f"tar entry {name!r} is not a regular file", keep_last=False)
+                        prefix, member = base_plus_ext(name)
+                        if prefix is None:
+                            raise _Broken(f"tar member {name!r} is not named <key>.<member>", keep_last=False)
+                        if prefix != key:
+                            if key is not None:
+                                spans.append(SampleSpan(key, start, end, tuple(members)))
+                                key = None
+                            if prefix in seen:
+                                raise _Broken("members of this key are not contiguous: the tar members do not form whole samples",
+                                              prefix, member, keep_last=False)
+                            seen.add(prefix)
+                            key, start, members = prefix, info.offset, []
+                        if member in members:
+                            raise _Broken("member appears twice in the sample", key, member, keep_last=False)
+                        members.append(member)
+                        end = info.offset_data + _BLOCK * math.ceil(info.size / _BLOCK)
+            except tarfile.ReadError as exc:
+                where = "at the start" if end == 0 else f"after byte {end}"
+                raise _Broken(f"tar data unreadable {where} ({_one_line(exc)}): truncated or corrupt") from None
+            f.seek(end)
+            marker = f.read(_BLOCK)
+            if len(marker) < _BLOCK:
+                raise _Broken(f"truncated: the archive ends at byte {end + len(marker)} without an end-of-archive block")
+            if marker.count(0) != _BLOCK:
+                raise _Broken(f"corrupt: invalid tar header at byte {end}")
+    except _Broken as exc:
+        # the sample being collected is kept when its bytes are all there; decode_sample judges it
+        if exc.keep_last and key is not None and end <= size:
+            spans.append(SampleSpan(key, start, end, tuple(members)))
+        error = DataError(f"{exc} ({len(spans)} readable samples before it)", shard=path, key=exc.key, member=exc.member)
+        return ShardIndex(path, tuple(spans), error)
+    except OSError as exc:
+        return ShardIndex(path, (), DataError(f"cannot read shard ({_one_line(exc.strerror or exc)})", shard=path))
+    if key is not None:
+        spans.append(SampleSpan(key, start, end, tuple(members)))
+    return ShardIndex(path, tuple(spans))
+
+
+def index_shard(path) -> ShardIndex:
+    """The sample index of one shard, cached per path, mtime and size."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DataError(f"cannot read shard ({_one_line(exc.strerror or exc)})", shard=path) from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _INDEX_CACHE.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    index = _scan_tar(path)
+    _INDEX_CACHE[path] = (stamp, index)
+    return index
+
+
+class _ByteRange:
+    """A read-only stream over bytes ``[start, end)`` of an open file descriptor."""
+
+    def __init__(self, fd: int, start: int, end: int):
+        self.fd, self.pos, self.end = fd, start, end
+
+    def read(self, size: int = -1) -> bytes:
+        left = self.end - self.pos
+        size = left if size is None or size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        data = os.pread(self.fd, size, self.pos)
+        self.pos += len(data)
+        return data
+
+
+def read_raw_samples(index: ShardIndex, spans: Iterable[SampleSpan]) -> Iterator[dict]:
+    """The raw samples of ``spans`` (in shard order) as WebDataset dicts.
+
+    Adjacent spans are read as one byte range; each range is expanded by
+    WebDataset's ``tar_file_expander`` and ``group_by_keys``.
+    """
+    spans = list(spans)
+    ranges = []
+    for span in spans:
+        if ranges and ranges[-1][1] == span.start:
+            ranges[-1][1] = span.end
+        else:
+            ranges.append([span.start, span.end])
+    try:
+        fd = os.open(index.path, os.O_RDONLY)
+    except OSError as exc:
+        raise DataError(f"cannot read shard ({_one_line(exc.strerror or exc)})", shard=index.path) from None
+    try:
+        sources = ({"url": index.path, "stream": _ByteRange(fd, a, b)} for a, b in ranges)
+        samples = group_by_keys(tar_file_expander(sources, handler=reraise_exception), lcase=False, handler=reraise_exception)
+        expected = iter(spans)
+        while True:
+            try:
+                raw = next(samples)
+            except StopIteration:
+                break
+            except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+                reason = _one_line(str(exc.args[0]).split(" @ ")[0] if exc.args else exc)
+                raise DataError(f"tar data unreadable ({reason}): truncated or corrupt", shard=index.path) from None
+            span = next(expected, None)
+            if span is None or raw["__key__"] != span.key:
+                raise DataError("shard changed since it was indexed (found key "
+                                f"{raw['__key__']!r} where {span.key if span else 'nothing'!r} was expected)", shard=index.path)
+            yield raw
+        missing = next(expected, None)
+        if missing is not None:
+            raise DataError("shard changed since it was indexed (sample missing)", shard=index.path, key=missing.key)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _manifest_file(manifest: Manifest) -> str:
+    return str(Path(manifest.path) / MANIFEST_NAME)
+
+
+def check_shard_files(manifest: Manifest, split: Optional[str] = None) -> None:
+    """Every shard the manifest lists exists, and no other shard file is there
+    (for one ``split``, or for all)."""
+    folder = Path(manifest.path)
+    where = _manifest_file(manifest)
+    splits = manifest.splits if split is None else {split: manifest.splits[split]}
+    for name, info in splits.items():
+        for i in range(info.shards):
+            if not (folder / shard_name(name, i)).is_file():
+                raise DataError(f"{where}: split {name!r} lists {info.shards} shards but {shard_name(name, i)} is missing")
+    for file in sorted(os.listdir(folder)):
+        if not file.endswith(".tar") or file.startswith("."):
+            continue
+        match = _SHARD_RE.match(file)
+        owner = match["split"] if match else None
+        if split is not None and owner != split:
+            continue
+        if owner not in manifest.splits:
+            raise DataError(f"{where}: shard file {file} belongs to no split the manifest lists ({', '.join(manifest.splits)})")
+        info = manifest.splits[owner]
+        if file not in {shard_name(owner, i) for i in range(info.shards)}:
+            raise DataError(f"{where}: shard file {file} is not listed: split {owner!r} has {info.shards} shards")
+
+
+def split_modalities(manifest: Manifest, shards) -> tuple:
+    """The modalities a split's samples carry, from their member names.
+
+    A clip may carry any non-empty subset of the declared modalities, but all
+    clips of one split carry the same ones (e.g. video only for a video-only
+    split). That set is the most common one among the split's samples (on a
+    tie, the larger); :func:`decode_sample` reports the samples that differ.
+    """
+    counts: dict = {}
+    for shard in shards:
+        for span in shard.samples:
+            carried = tuple(m for m in manifest.modalities if f"{m}.npy" in span.members)
+            counts[carried] = counts.get(carried, 0) + 1
+    if not counts:
+        return tuple(manifest.modalities)
+    return max(counts, key=lambda carried: (counts[carried], len(carried)))
+
+
+@dataclasses.dataclass
+class SplitIndex:
+    """The shard indexes of one split; ``lost`` counts samples the manifest
+    promises but corrupt shards no longer hold (only with ``skip_bad``)."""
+
+    split: str
+    shards: list  # ShardIndex per shard, in shard order
+    expected: int
+    modalities: tuple  # what every sample of the split carries (split_modalities)
+    lost: int = 0
+
+    @property
+    def readable(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+def index_split(manifest: Manifest, split: str, *, skip_bad: bool = False, shard_indexes=None) -> SplitIndex:
+    """Index every shard of ``split`` and check the counts against the manifest.
+
+    A corrupt shard is an error unless ``skip_bad``; then its unreadable rest
+    is counted in ``lost``. ``shard_indexes`` may pass indexes already built.
+    """
+    paths = manifest.shard_paths(split)
+    shards = list(shard_indexes) if shard_indexes is not None else [index_shard(p) for p in paths]
+    damaged = [s for s in shards if s.error is not None]
+    if damaged and not skip_bad:
+        raise damaged[0].error
+    where = _manifest_file(manifest)
+    expected = manifest.splits[split].samples
+    found = sum(len(s) for s in shards)
+    if found > expected or (found != expected and not damaged):
+        raise DataError(f"{where}: split {split!r}: the manifest says {expected} samples, its {len(shards)} shards hold {found}")
+    owner = {}
+    for shard in shards:
+        for span in shard.samples:
+            if span.key in owner:
+                raise DataError(f"key is not unique in split {split!r} (also in {owner[span.key]})", shard=shard.path, key=span.key)
+            owner[span.key] = shard.path
+    return SplitIndex(split, shards, expected, split_modalities(manifest, shards), lost=expected - found)
+
+
+# --------------------------------------------------------------------------- the check command
+
+
+@dataclasses.dataclass
+class SplitReport:
+    """What checking one split found."""
+
+    folder: str
+    split: str
+    shards: int
+    samples: int  # good samples
+    skipped: int = 0
+    reasons: list = dataclasses.field(default_factory=list)  # the first few skip reasons
+
+    def summary(self) -> str:
+        head = f"{self.folder} [{self.split}]: {self.samples} good samples in {self.shards} shard{'' if self.shards == 1 else 's'}"
+        if not self.skipped:
+            return head + ", OK"
+        plural = "" if self.skipped == 1 else "s"
+        return f"{head}, {self.skipped} bad sample{plural} skipped (first: {'; '.join(self.reasons)})"
+
+
+def _index_task(path):
+    """index_shard for a worker process: the index, or the error as data."""
+    try:
+        return index_shard(path)
+    except DataError as exc:
+        return exc
+
+
+@dataclasses.dataclass
+class _ShardResult:
+    good: int = 0
+    skipped: int = 0
+    reasons: list = dataclasses.field(default_factory=list)
+    error: Optional[DataError] = None
+
+
+def _check_samples(task) -> _ShardResult:
+    """Decode and check every indexed sample of one shard (runs in a worker process too)."""
+    index, manifest, carried, skip_bad = task
+    result = _ShardResult()
+    try:
+        for raw in read_raw_samples(index, index.samples):
+            try:
+                decode_sample(raw, manifest, index.path, carried=carried)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                result.skipped += 1
+                if len(result.reasons) < MAX_REASONS:
+                    result.reasons.append(str(exc))
+                continue
+            result.good += 1
+    except DataError as exc:
+        result.error = exc
+    return result
+
+
+def check_dataset(folder, *, skip_bad: bool = False, workers: int = 0) -> list:
+    """Check one dataset folder; one :class:`SplitReport` per split.
+
+    First the shard files and tar structures, the counts and the keys, then
+    every sample, shard by shard (by ``workers`` processes when > 0).
+    """
+    manifest = load_manifest(folder)
+    check_shard_files(manifest)
+    paths = [path for split in manifest.splits for path in manifest.shard_paths(split)]
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 0 and paths else None
+    run = pool.map if pool else map
+    progress = tqdm(total=2 * len(paths), desc=f"checking {manifest.name}", unit="shard", file=sys.stderr,
+                    disable=not sys.stderr.isatty())
+    try:
+        indexes = []
+        for index in run(_index_task, paths):
+            if isinstance(index, DataError):
+                raise index
+            indexes.append(index)
+            progress.update()
+        splits, owner, tasks = {}, {}, []
+        for split, info in manifest.splits.items():
+            sidx = splits[split] = index_split(manifest, split, skip_bad=skip_bad, shard_indexes=indexes[:info.shards])
+            del indexes[:info.shards]
+            for shard in sidx.shards:
+                tasks.append((shard, manifest, sidx.modalities, skip_bad))
+                for span in shard.samples:
+                    if span.key in owner:
+                        raise DataError(f"key is not unique in the dataset (also in {owner[span.key]})", shard=shard.path, key=span.key)
+                    owner[span.key] = shard.path
+        results = iter(run(_check_samples, tasks))
+        reports = []
+        for split, sidx in splits.items():
+            report = SplitReport(str(folder), split, len(sidx.shards), 0, skipped=sidx.lost)
+            report.reasons += [str(shard.error) for shard in sidx.shards if shard.error is not None]
+            for _ in sidx.shards:
+                result = next(results)
+                if result.error is not None:
+                    raise result.error
+                progress.update()
+                report.samples += result.good
+                report.skipped += result.skipped
+                report.reasons += result.reasons
+            del report.reasons[MAX_REASONS:]
+            reports.append(report)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return reports
+
+
+def find_datasets(path) -> list:
+    """``path`` itself when it is a dataset folder, else its dataset subfolders."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder")
+    if (path / MANIFEST_NAME).is_file():
+        return [path]
+    datasets = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        if (sub / MANIFEST_NAME).is_file():
+            datasets.append(sub)
+        elif any(p.suffix == ".tar" for p in sub.iterdir()):
+            raise DataError(f"{sub}: holds shards but no {MANIFEST_NAME} manifest")
+    if not datasets:
+        raise DataError(f"{path}: neither a dataset folder (no {MANIFEST_NAME}) nor a folder of dataset folders")
+    return datasets
+
+
+def check_path(path, *, skip_bad: bool = False, workers: int = 0) -> list:
+    """Check a dataset folder or every dataset in a folder of them.
+
+    Returns one :class:`SplitReport` per dataset and split; raises
+    :class:`DataError` on the first problem unless ``skip_bad``.
+    """
+    if workers < 0:
+        raise DataError(f"--workers must be >= 0, got {workers}")
+    reports = []
+    for folder in find_datasets(path):
+        reports.extend(check_dataset(folder, skip_bad=skip_bad, workers=workers))
+    return reports
