@@ -1,0 +1,165 @@
+"""Model configuration: every size and hyperparameter, with presets.
+
+Input sizes are not configuration: they come from the dataset manifest and are
+passed to :func:`srcid.model.variants.build_model`. ``docs/METHOD.md`` explains
+each option where the paper and the authors' code differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from srcid.errors import SrcidError
+
+PRESETS = ("paper", "small", "tiny")
+CLUB_ESTIMATORS = ("all_pairs", "sampled")
+
+
+@dataclass
+class TransformerConfig:
+    """The post-norm Transformer of every general encoder."""
+
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass
+class QuantizerConfig:
+    """Codebook, EMA/MMEMA, commitment, dead codes, and the RVQ/FSQ baselines."""
+
+    codebook_size: int = 400
+    beta: float = 0.25  # commitment cost
+    commit_own: float = 2.0  # MMEMA commitment: own * beta * ||z_m - sg(q_m)||^2
+    commit_cross: float = 0.5  # + cross * beta * ||z_m - sg(q_n)||^2 per other modality n
+    decay: float = 0.99
+    eps: float = 1e-5
+    mmema_own: float = 0.5  # own share of the mixed EMA vector; the rest is split evenly over the others
+    dead_code_steps: int = 300  # a code unused by every modality for more steps than this is reset
+    active_window: int = 100  # a reset copies a code used within this many steps
+    dead_code_noise: float = 1.0 / 1024.0
+    rvq_stages: int = 2  # used by the RVQ variants (the variant name sets it)
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+
+
+@dataclass
+class CPCConfig:
+    """Cross-modal contrastive predictive coding."""
+
+    lstm_layers: int = 1  # paper: single-layer LSTMs; authors' code: 2
+    context: int = 256  # LSTM hidden size
+    horizon: int = 1  # R, steps predicted ahead
+    min_start: int = 1  # smallest context time step t
+    cross_weight: float = 1.0
+    self_weight: float = 0.1
+
+
+@dataclass
+class ClubConfig:
+    """CLUB mutual-information upper bound and its q_theta networks."""
+
+    hidden: int = 128
+    hidden_layers: int = 3
+    estimator: str = "all_pairs"  # "all_pairs" (paper Eq. 6) or "sampled" (authors' CLUBSample)
+    inner_steps: int = 5
+    lr: float = 1e-3
+
+
+@dataclass
+class LossWeights:
+    recon: float = 1.0
+    commit: float = 1.0
+    cpc: float = 1.0
+    cmcm: float = 1.0
+    mi: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Every size and hyperparameter of SRCID and its DCID baselines."""
+
+    hidden: int = 256  # D: general features and codes
+    specific: int = 256  # audio/text specific output size (layer 1)
+    text_lstm_hidden: int = 128  # per direction; the text front end gives 2x this
+    text_lstm_layers: int = 2
+    text_mask: bool = True  # honour the text mask (BiLSTM per clip length, key padding, masked reconstruction)
+    video_conv: int = 2048  # channels of the video specific conv stack (its first conv has half)
+    video_se_reduction: int = 8  # squeeze-excite bottleneck: channels // reduction
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    cpc: CPCConfig = field(default_factory=CPCConfig)
+    club: ClubConfig = field(default_factory=ClubConfig)
+    weights: LossWeights = field(default_factory=LossWeights)
+    layer2_run_when_off: bool = True  # run layer 2 (forward and codebook EMA) while its loss weight is 0
+    layer2_detach_input: bool = False  # stop layer-2 gradients at layer 1's specific output
+    check_finite: bool = True  # reject batches holding NaN/Inf (one reduction and one sync per step)
+    seed: int = 43  # seeds the model's own draws: CPC time step, dead-code resets, CLUB shuffles
+
+    def validate(self) -> "ModelConfig":
+        """Raise :class:`SrcidError` naming the first inconsistent value."""
+        def need(cond: bool, key: str, what: str):
+            if not cond:
+                raise SrcidError(f"model config {key}={_get(self, key)!r}: {what}")
+
+        for key in ("hidden", "specific", "text_lstm_hidden", "text_lstm_layers", "video_conv", "video_se_reduction",
+                    "transformer.layers", "transformer.heads", "transformer.ffn", "quantizer.codebook_size",
+                    "quantizer.dead_code_steps", "quantizer.active_window", "quantizer.rvq_stages", "cpc.lstm_layers",
+                    "cpc.context", "cpc.horizon", "cpc.min_start", "club.hidden", "club.hidden_layers"):
+            need(isinstance(_get(self, key), int) and _get(self, key) >= 1, key, "must be a positive integer")
+        need(self.club.inner_steps >= 0, "club.inner_steps", "must be >= 0")
+        need(self.hidden % self.transformer.heads == 0, "transformer.heads", f"must divide hidden={self.hidden}")
+        need(self.video_conv >= 2 and self.video_conv % 2 == 0, "video_conv", "must be an even integer >= 2")
+        need(0.0 <= self.transformer.dropout < 1.0, "transformer.dropout", "must lie in [0, 1)")
+        q = self.quantizer
+        need(q.codebook_size >= 2, "quantizer.codebook_size", "must be >= 2")
+        need(0.0 < q.decay < 1.0, "quantizer.decay", "must lie in (0, 1)")
+        need(q.eps > 0.0, "quantizer.eps", "must be > 0")
+        need(0.0 < q.mmema_own <= 1.0, "quantizer.mmema_own", "must lie in (0, 1]")
+        for key in ("quantizer.beta", "quantizer.commit_own", "quantizer.commit_cross", "quantizer.dead_code_noise",
+                    "cpc.cross_weight", "cpc.self_weight", "club.lr", "weights.recon", "weights.commit", "weights.cpc",
+                    "weights.cmcm", "weights.mi"):
+            need(_get(self, key) >= 0.0, key, "must be >= 0")
+        need(len(q.fsq_levels) >= 1 and all(isinstance(v, int) and v >= 2 for v in q.fsq_levels),
+             "quantizer.fsq_levels", "must be a non-empty list of integers >= 2")
+        need(self.club.estimator in CLUB_ESTIMATORS, "club.estimator", f"choose one of {', '.join(CLUB_ESTIMATORS)}")
+        return self
+
+
+def _get(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _paper() -> ModelConfig:
+    return ModelConfig()
+
+
+def _small() -> ModelConfig:
+    return ModelConfig(
+        hidden=64, specific=64, text_lstm_hidden=32, video_conv=128,
+        transformer=TransformerConfig(layers=2, heads=4, ffn=256, dropout=0.1),
+        quantizer=QuantizerConfig(codebook_size=128, fsq_levels=(8, 4, 4)),
+        cpc=CPCConfig(context=64),
+        club=ClubConfig(hidden=32),
+    )
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        hidden=16, specific=16, text_lstm_hidden=8, video_conv=16, video_se_reduction=4,
+        transformer=TransformerConfig(layers=2, heads=2, ffn=32, dropout=0.1),
+        quantizer=QuantizerConfig(codebook_size=32, dead_code_steps=50, active_window=20, fsq_levels=(4, 4, 2)),
+        cpc=CPCConfig(context=16),
+        club=ClubConfig(hidden=16),
+    )
+
+
+_BUILDERS = {"paper": _paper, "small": _small, "tiny": _tiny}
+
+
+def model_config(preset: str = "paper") -> ModelConfig:
+    """A fresh :class:`ModelConfig` for ``preset`` (``paper``, ``small`` or ``tiny``)."""
+    if preset not in _BUILDERS:
+        raise SrcidError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return _BUILDERS[preset]().validate()

@@ -1,0 +1,80 @@
+"""The training objective (paper Eq. 8) per layer: reconstruction, commitment, CPC, CMCM and CLUB MI."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from srcid.model.cmcm import cmcm_loss
+from srcid.model.randomness import CLUB_STREAM, generator
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE over all elements; with ``mask [B, T]`` only real steps count."""
+    sq = (reconstruction.float() - target.float()) ** 2
+    if mask is None:
+        return sq.mean()
+    weight = mask.to(sq.dtype).reshape(*mask.shape, *([1] * (sq.dim() - 2)))
+    per_step = sq[0, 0].numel()
+    return (sq * weight).sum() / (weight.sum() * per_step).clamp_min(1.0)
+
+
+def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
+    """``(loss, terms)`` of one layer (1-based ``layer_index``); terms are detached scalars."""
+    config = model.config
+    w = config.weights
+    layer = model.layers[layer_index - 1]
+    prefix = f"L{layer_index}"
+    terms = {}
+    total = torch.zeros((), device=out.codes_used.device)
+    for m in layer.modalities:
+        recon = reconstruction_loss(out.reconstructions[m], out.targets[m], out.masks.get(m))
+        terms[f"{prefix}/recon/{m}"] = recon
+        total = total + w.recon * recon
+    commit = torch.stack(list(out.commitment.values())).sum()
+    terms[f"{prefix}/commit"] = commit
+    terms[f"{prefix}/cpc"] = out.cpc
+    total = total + w.commit * commit + w.cpc * out.cpc
+    if layer.quantizer.uses_cmcm and out.codebook is not None:
+        cmcm = cmcm_loss(out.general, out.codebook)
+        terms[f"{prefix}/cmcm"] = cmcm
+        total = total + w.cmcm * cmcm
+    mi_total = torch.zeros((), device=total.device)
+    for i, m in enumerate(layer.modalities):
+        gen = None
+        if mi_estimator.config.estimator == "sampled":
+            gen = generator(config.seed, step, CLUB_STREAM, 10 * layer_index + i, device=out.quantized[m].device)
+        mi = mi_estimator.mi(club_key(layer_index, m), out.quantized[m], out.specific[m], generator=gen)
+        terms[f"{prefix}/mi/{m}"] = mi
+        mi_total = mi_total + mi
+    terms[f"{prefix}/mi"] = mi_total
+    total = total + w.mi * mi_total
+    for m in layer.modalities:
+        terms[f"{prefix}/perplexity/{m}"] = out.perplexity[m]
+    terms[f"{prefix}/codes_used"] = out.codes_used
+    terms[f"{prefix}/loss"] = total
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+def model_loss(model, output, mi_estimator, *, layer2_weight: float) -> tuple:
+    """``(total, terms)``: layer 1's loss plus ``layer2_weight`` times layer 2's.
+
+    With ``layer2_weight == 0`` layer 2's terms are still reported (computed
+    without gradient) but left out of the total, as in the authors' code.
+    """
+    total, terms = layer_loss(model, output.layers[0], 1, mi_estimator, output.step)
+    if len(output.layers) > 1:
+        if layer2_weight != 0.0:
+            second, more = layer_loss(model, output.layers[1], 2, mi_estimator, output.step)
+            total = total + layer2_weight * second
+        else:
+            with torch.no_grad():
+                _, more = layer_loss(model, output.layers[1], 2, mi_estimator, output.step)
+        terms.update(more)
+    terms["loss"] = total.detach()
+    return total, terms
+
+
+def club_key(layer_index: int, modality: str) -> str:
+    """Name of the q_theta network of a layer (1-based) and modality."""
+    return f"L{layer_index}_{modality}"

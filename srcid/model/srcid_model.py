@@ -1,0 +1,174 @@
+"""The SRCID model (and its one-layer DCID baselines): text front end, layers, inference."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from srcid.errors import SrcidError
+from srcid.model.config import ModelConfig
+from srcid.model.encoders import TextFrontEnd
+from srcid.model.inputs import check_batch, check_features, fit_steps, parse_input_shapes
+from srcid.model.layer import DisentangleLayer, LayerOutput
+from srcid.model.losses import club_key, model_loss
+from srcid.model.randomness import CPC_STREAM, StepCounter, generator
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """The forward pass of a batch: one :class:`LayerOutput` per layer that ran."""
+
+    layers: list[LayerOutput]  # one per layer that ran
+    modalities: tuple
+    step: int  # the model's training step when this output was computed
+
+    @property
+    def indices(self) -> list:
+        """Per layer, ``{modality: indices}``."""
+        return [layer.indices for layer in self.layers]
+
+
+class Encoded(NamedTuple):
+    indices: list  # per requested layer: [B, T] (RVQ: [B, T, S])
+    quantized: list  # per requested layer: [B, T, D]
+
+
+class SrcidModel(nn.Module):
+    """``layers`` disentanglement layers over the modalities of ``input_shapes``.
+
+    Layer 1 reads the features (text through a BiLSTM front end); layer 2
+    reads layer 1's specific outputs (paper Eq. 2). Training-mode ``forward``
+    updates the codebooks; ``loss`` turns an output into ``(total, terms)``.
+    """
+
+    def __init__(self, variant: str, config: ModelConfig, input_shapes: dict, *, num_layers: int,
+                 make_quantizer: Callable[[int, tuple, int], nn.Module]):
+        super().__init__()
+        config.validate()
+        self.variant, self.config = variant, config
+        self.specs, self.steps_per_clip = parse_input_shapes(input_shapes)
+        self.input_shapes = {m: spec.shape for m, spec in self.specs.items()}
+        self.modalities = tuple(self.specs)
+        low, high = config.cpc.min_start, self.steps_per_clip - config.cpc.horizon - 1
+        if high < low:
+            raise SrcidError(
+                f"cpc.horizon={config.cpc.horizon} with cpc.min_start={config.cpc.min_start} needs clips of at least "
+                f"{low + config.cpc.horizon + 1} steps; the inputs have {self.steps_per_clip}"
+            )
+        self.text_frontend = None
+        shapes = {}
+        for m, spec in self.specs.items():
+            if m == "text":
+                self.text_frontend = TextFrontEnd(spec.shape[-1], config.text_lstm_hidden, config.text_lstm_layers)
+                shapes[m] = (self.text_frontend.out_dim,)
+            else:
+                shapes[m] = spec.feature_shape
+        layers = [DisentangleLayer(shapes, config, make_quantizer(0, self.modalities, config.hidden), specific_dim=config.specific)]
+        for k in range(1, num_layers):
+            shapes = {m: (layers[-1].specific_dims[m],) for m in self.modalities}
+            layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None))
+        self.layers = nn.ModuleList(layers)
+        self.steps = StepCounter()
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch, *, num_layers: Optional[int] = None) -> ModelOutput:
+        """Run ``num_layers`` layers (default all) on a :class:`~srcid.data.batch.Batch`.
+
+        In training mode the codebooks are EMA-updated and the step advances.
+        """
+        check_batch(batch, self.specs, check_finite=self.config.check_finite, variant=self.variant)
+        inputs, masks = self._prepare(batch.features, batch.masks)
+        update = self.training
+        step = self.steps.value
+        outputs = []
+        for k, layer in enumerate(self.layers[: num_layers or len(self.layers)]):
+            if k > 0:
+                previous = outputs[-1].specific
+                inputs = {m: y.detach() if self.config.layer2_detach_input else y for m, y in previous.items()}
+            outputs.append(layer(inputs, masks, update=update, cpc_step=self.cpc_step(step, k)))
+        if update:
+            self.steps.advance()
+        return ModelOutput(layers=outputs, modalities=self.modalities, step=step)
+
+    def cpc_step(self, step: int, layer_index: int) -> int:
+        """The context time step ``t`` of a layer's CPC at a training step, drawn from the seeded stream."""
+        low, high = self.config.cpc.min_start, self.steps_per_clip - self.config.cpc.horizon - 1
+        gen = generator(self.config.seed, step, CPC_STREAM, layer_index)
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    def loss(self, output: ModelOutput, mi_estimator, *, layer2_weight: float = 1.0) -> tuple:
+        """``(total, terms)`` of an output; see :func:`srcid.model.losses.model_loss`."""
+        return model_loss(self, output, mi_estimator, layer2_weight=layer2_weight)
+
+    def club_dims(self) -> dict:
+        """``{club key: (x_dim, y_dim)}`` for every layer and modality."""
+        return {club_key(k + 1, m): (self.config.hidden, layer.specific_dims[m])
+                for k, layer in enumerate(self.layers) for m in layer.modalities}
+
+    def club_pairs(self, output: ModelOutput) -> dict:
+        """``{club key: (x, y)}``: quantized general sequence and specific output of each layer that ran."""
+        return {club_key(k + 1, m): (out.quantized[m], out.specific[m])
+                for k, out in enumerate(output.layers) for m in out.quantized}
+
+    def quantizers(self) -> list:
+        return [layer.quantizer for layer in self.layers]
+
+    def set_reduce_stats(self, fn: Optional[Callable[[torch.Tensor], None]]) -> None:
+        """Install the data-parallel statistics reduction on every quantizer (``None``: single process)."""
+        for q in self.quantizers():
+            q.reduce_stats = fn
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def encode(self, features: torch.Tensor, modality: str, *, mask: Optional[torch.Tensor] = None, layers=(1,)) -> Encoded:
+        """Code indices and quantized general sequences of one modality, per requested layer.
+
+        Runs in eval mode without codebook updates (the module's mode is restored).
+        ``layers=(1,)`` is the paper's "only1"; ``(1, 2)`` adds layer 2.
+        """
+        if modality not in self.specs:
+            raise SrcidError(f"modality {modality!r}: this {self.variant} model has {', '.join(self.modalities)}")
+        layers = tuple(layers)
+        if not layers or any(k not in range(1, len(self.layers) + 1) for k in layers):
+            raise SrcidError(f"layers {layers}: this {self.variant} model has layer(s) {tuple(range(1, len(self.layers) + 1))}")
+        check_features(features, self.specs[modality])
+        if mask is not None and tuple(mask.shape) != tuple(features.shape[:2]):
+            raise SrcidError(f"{modality} mask: expected shape {list(features.shape[:2])}, got {list(mask.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            inputs, masks = self._prepare({modality: features}, {} if mask is None else {modality: mask})
+            x, m_mask = inputs[modality], masks.get(modality)
+            collected = {}
+            for k in range(1, max(layers) + 1):
+                idx, q, y = self.layers[k - 1].encode(x, modality, m_mask, specific=k < max(layers))
+                collected[k] = (idx, q)
+                x = y
+        finally:
+            self.train(was_training)
+        return Encoded([collected[k][0] for k in layers], [collected[k][1] for k in layers])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prepare(self, features: dict, batch_masks: dict) -> tuple:
+        """Layer-1 inputs (in the parameters' dtype) and the masks to honour: text is fitted to ``T``
+        steps and run through the front end."""
+        inputs, masks = {}, {}
+        dtype = self.layers[0].general[self.modalities[0]].temporal.proj.weight.dtype
+        for m, x in features.items():
+            if m not in self.specs:
+                continue
+            x = x.to(dtype)
+            if m == "text":
+                x, mask = fit_steps(x, batch_masks.get(m), self.steps_per_clip)
+                if not self.config.text_mask:
+                    mask = torch.ones_like(mask)
+                else:
+                    masks[m] = mask
+                x = self.text_frontend(x, mask)
+            inputs[m] = x
+        return inputs, masks

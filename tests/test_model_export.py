@@ -1,0 +1,185 @@
+"""Model export (safetensors + JSON sidecar) and loading, without unpickling."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from srcid import __version__
+from srcid.config import to_dict
+from srcid.data.batch import Batch
+from srcid.errors import SrcidError
+from srcid.model import build_mi_fitter, build_model, model_config
+from srcid.model.export import _sha256, export_model, load_model, read_sidecar, sidecar_path
+from srcid.train.step import build_optimizer, train_step
+
+SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
+
+
+def tiny_model(variant="srcid", seed=0):
+    torch.manual_seed(seed)
+    return build_model(variant, model_config("tiny"), SHAPES)
+
+
+def random_batch(n, generator):
+    lengths = torch.randint(1, 13, (n,), generator=generator)  # ragged text, some longer than T = 10
+    steps = int(lengths.max())
+    text = torch.randn(n, steps, 7, generator=generator)
+    mask = torch.arange(steps)[None, :] < lengths[:, None]
+    features = {"audio": torch.randn(n, 10, 6, generator=generator), "video": torch.randn(n, 10, 5, 5, 4, generator=generator),
+                "text": text * mask[..., None]}
+    masks = {"audio": torch.ones(n, 10, dtype=torch.bool), "video": torch.ones(n, 10, dtype=torch.bool), "text": mask}
+    return Batch(keys=[f"k{i}" for i in range(n)], features=features, masks=masks, labels=torch.full((n,), -1))
+
+
+def trained(variant):
+    """A tiny model after two training steps, so codebooks and EMA buffers are no longer their initial values."""
+    model = tiny_model(variant)
+    fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        train_step(model, fitter, optimizer, random_batch(8, generator), layer2_weight=1.0)
+    return model
+
+
+def export(model, path, variant=None, **extra):
+    return export_model(model, variant=variant or model.variant, config=model.config, input_shapes=SHAPES, path=path,
+                        extra=extra or {"step": 2})
+
+
+@pytest.mark.parametrize("variant", ["srcid", "dcid-rvq2", "dcid-fsq"])
+def test_round_trip_gives_identical_encodings(tmp_path, variant):
+    model = trained(variant)
+    path = export(model, tmp_path / "out" / "model.safetensors", run_dir=tmp_path, step=2)
+    loaded, info = load_model(path)
+    assert not loaded.training
+    assert info["variant"] == variant and info["extra"] == {"run_dir": str(tmp_path), "step": 2}
+    original = model.state_dict()
+    restored = loaded.state_dict()
+    assert list(restored) == list(original)
+    for key, value in original.items():
+        assert torch.equal(restored[key], value), key
+    generator = torch.Generator().manual_seed(5)
+    batch = random_batch(7, generator)
+    layers = tuple(range(1, len(model.layers) + 1))
+    for m in ("audio", "video", "text"):
+        mask = batch.masks[m] if m == "text" else None
+        a = model.encode(batch.features[m], m, mask=mask, layers=layers)
+        b = loaded.encode(batch.features[m], m, mask=mask, layers=layers)
+        for ia, ib, qa, qb in zip(a.indices, b.indices, a.quantized, b.quantized):
+            assert torch.equal(ia, ib) and torch.equal(qa, qb)
+
+
+def test_sidecar_describes_the_model(tmp_path):
+    model = trained("srcid")
+    path = export(model, tmp_path / "model.safetensors", step=7)
+    info = json.loads(sidecar_path(path).read_text())
+    assert sidecar_path(path) == tmp_path / "model.json"
+    assert info["variant"] == "srcid" and info["srcid_version"] == __version__
+    assert info["config"] == json.loads(json.dumps(to_dict(model.config)))
+    assert info["input_shapes"] == {"audio": [10, 6], "video": [10, 5, 5, 4], "text": [None, 7]}
+    assert info["extra"] == {"step": 7}
+    assert info["weights_sha256"] == _sha256(path)
+    tensors = load_file(str(path))
+    assert set(tensors) == set(model.state_dict())
+    assert any("codebook" in key for key in tensors)
+    assert not any("club" in key.lower() for key in tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no temporary files left
+
+
+def one_line_error(call, *needles):
+    with pytest.raises(SrcidError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def rewrite_sidecar(path, change):
+    info = json.loads(sidecar_path(path).read_text())
+    change(info)
+    sidecar_path(path).write_text(json.dumps(info))
+
+
+def test_missing_files_and_bad_names(tmp_path):
+    one_line_error(lambda: load_model(tmp_path / "none.safetensors"), "none.safetensors", "no such model file")
+    one_line_error(lambda: load_model(tmp_path / "model.pt"), "model.pt", ".safetensors")
+    path = export(tiny_model(), tmp_path / "model.safetensors")
+    sidecar_path(path).unlink()
+    one_line_error(lambda: load_model(path), "model.json", "missing")
+    sidecar_path(path).write_text("{not json")
+    one_line_error(lambda: load_model(path), "model.json", "not valid JSON")
+
+
+@pytest.mark.parametrize("change, needles", [
+    (lambda info: info.pop("config"), ("model.json", "key config", "missing")),
+    (lambda info: info.update(colour="red"), ("model.json", "key colour", "unknown")),
+    (lambda info: info.update(variant="dcid-xl"), ("model.json", "key variant", "dcid-xl")),
+    (lambda info: info["config"].update(depth=3), ("model.json", "key config", "depth")),
+    (lambda info: info["config"].update(hidden=-4), ("model.json", "key config", "hidden")),
+    (lambda info: info["input_shapes"].update(audio=[10]), ("model.json", "key input_shapes", "audio")),
+    (lambda info: info.update(format="other"), ("model.json", "key format")),
+])
+def test_sidecar_that_does_not_describe_a_model(tmp_path, change, needles):
+    path = export(tiny_model(), tmp_path / "model.safetensors")
+    rewrite_sidecar(path, change)
+    one_line_error(lambda: load_model(path), *needles)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    path = export(tiny_model(), tmp_path / "model.safetensors")
+
+    # another config (hidden 32 instead of 16): the JSON now promises other shapes than the file holds
+    def wider(info):
+        info["config"]["hidden"] = 32
+        info["config"]["specific"] = 32
+    rewrite_sidecar(path, wider)
+    one_line_error(lambda: load_model(path), "model.safetensors", "key ", "does not fit the config", "expected")
+
+    # weights of another export
+    path = export(tiny_model(), tmp_path / "model.safetensors")
+    other = export(tiny_model(seed=3), tmp_path / "other.safetensors")
+    path.write_bytes(other.read_bytes())
+    message = one_line_error(lambda: load_model(path), "model.json", "key weights_sha256")
+    assert "different exports" in message
+
+
+def write_tensors(path, tensors):
+    save_file(tensors, str(path))
+    rewrite_sidecar(path, lambda info: info.update(weights_sha256=_sha256(path)))
+
+
+def test_missing_extra_and_mistyped_tensors(tmp_path):
+    path = export(tiny_model(), tmp_path / "model.safetensors")
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("codebook"))
+
+    fewer = {k: v for k, v in tensors.items() if k != key}
+    write_tensors(path, fewer)
+    one_line_error(lambda: load_model(path), "model.safetensors", f"key {key}", "missing")
+
+    write_tensors(path, {**tensors, "layers.9.weight": torch.zeros(2)})
+    one_line_error(lambda: load_model(path), "model.safetensors", "key layers.9.weight", "not part of")
+
+    write_tensors(path, {**tensors, key: tensors[key].double()})
+    one_line_error(lambda: load_model(path), "model.safetensors", f"key {key}", "float64")
+
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    rewrite_sidecar(path, lambda info: info.update(weights_sha256=_sha256(path)))
+    one_line_error(lambda: load_model(path), "model.safetensors", "not a readable safetensors file")
+
+
+def test_export_rejects_a_mislabelled_model(tmp_path):
+    model = tiny_model("dcid")
+    one_line_error(lambda: export(model, tmp_path / "model.safetensors", variant="srcid"), "dcid", "srcid")
+    one_line_error(lambda: export(model, tmp_path / "model.bin"), ".safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_sidecar_and_device(tmp_path):
+    path = export(tiny_model(), tmp_path / "model.safetensors", step=3)
+    assert read_sidecar(path)["extra"]["step"] == 3
+    if not torch.cuda.is_available():
+        one_line_error(lambda: load_model(path, device="cuda"), "CUDA")
