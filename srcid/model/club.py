@@ -8,7 +8,7 @@ detached parameters, so the main loss never updates q_theta.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -98,16 +98,14 @@ class MIEstimator(nn.Module):
 class ClubFitter:
     """Owns an :class:`MIEstimator` and its Adam; fits q_theta for ``inner_steps`` steps per batch.
 
-    ``average_grads``: set by a distributed trainer to an in-place average
-    across ranks, applied to one flat buffer of all q_theta gradients before
-    each Adam step (``None``: a single process).
+    Under data parallelism the pairs come from the global batch
+    (:meth:`SrcidModel.club_pairs`), so every rank takes the same steps.
     """
 
     def __init__(self, estimator: MIEstimator, *, lr: Optional[float] = None, steps: Optional[int] = None):
         self.estimator = estimator
         self.steps = estimator.config.inner_steps if steps is None else steps
         self.optimizer = torch.optim.Adam(estimator.parameters(), lr=estimator.config.lr if lr is None else lr)
-        self.average_grads: Optional[Callable[[torch.Tensor], None]] = None
 
     def fit(self, pairs: dict) -> dict:
         """Maximise the log-likelihood of each ``key -> (x, y)`` (detached here); return the last step's values."""
@@ -118,23 +116,11 @@ class ClubFitter:
                 self.optimizer.zero_grad(set_to_none=True)
                 logliks = {key: self.estimator.loglik(key, x, y) for key, (x, y) in data.items()}
                 (-torch.stack(list(logliks.values())).sum()).backward()
-                self._average()
                 self.optimizer.step()
         if not logliks:
             with torch.no_grad():
                 logliks = {key: self.estimator.loglik(key, x, y) for key, (x, y) in data.items()}
         return {key: value.detach() for key, value in logliks.items()}
-
-    def _average(self) -> None:
-        if self.average_grads is None:
-            return
-        params = [p for p in self.estimator.parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        self.average_grads(flat)
-        start = 0
-        for p in params:
-            p.grad.copy_(flat[start:start + p.numel()].view_as(p.grad))
-            start += p.numel()
 
     def state_dict(self) -> dict:
         return {"estimator": self.estimator.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -64,17 +64,19 @@ class DisentangleLayer(nn.Module):
         self.cpc = CrossModalCPC(self.modalities, config.hidden, config.cpc)
         self.hidden = config.hidden
 
-    def forward(self, inputs: dict, masks: dict, *, update: bool, cpc_step: int) -> LayerOutput:
+    def forward(self, inputs: dict, masks: dict, *, update: bool, cpc_step: int, gather=None) -> LayerOutput:
         general = {m: self.general[m](inputs[m], masks.get(m)) for m in self.modalities}
         specific, decoder_inputs = {}, {}
         for m in self.modalities:
             specific[m], decoder_inputs[m] = self.specific[m](inputs[m])
         q = self.quantizer(general, update=update)
         reconstructions = {m: self.decoders[m](q.quantized[m], decoder_inputs[m]) for m in self.modalities}
+        # CPC's negatives are the other clips of the (global, under data parallelism) batch.
+        cpc_inputs = {m: gather(z) for m, z in general.items()} if gather is not None else general
         return LayerOutput(
             targets=dict(inputs), masks={m: masks[m] for m in self.modalities if m in masks},
             general=general, specific=specific, quantized=q.quantized, indices=q.indices, commitment=q.loss,
-            reconstructions=reconstructions, cpc=self.cpc(general, cpc_step), cpc_step=cpc_step,
+            reconstructions=reconstructions, cpc=self.cpc(cpc_inputs, cpc_step), cpc_step=cpc_step,
             perplexity=q.perplexity, codes_used=q.codes_used, codebook=q.codebook,
         )
 

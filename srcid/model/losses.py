@@ -36,7 +36,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
     terms[f"{prefix}/cpc"] = out.cpc
     total = total + w.commit * commit + w.cpc * out.cpc
     if layer.quantizer.uses_cmcm and out.codebook is not None:
-        cmcm = cmcm_loss(out.general, out.codebook)
+        cmcm = cmcm_loss({m: model.gather(z) for m, z in out.general.items()}, out.codebook)
         terms[f"{prefix}/cmcm"] = cmcm
         total = total + w.cmcm * cmcm
     mi_total = torch.zeros((), device=total.device)
@@ -44,7 +44,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
         gen = None
         if mi_estimator.config.estimator == "sampled":
             gen = generator(config.seed, step, CLUB_STREAM, 10 * layer_index + i, device=out.quantized[m].device)
-        mi = mi_estimator.mi(club_key(layer_index, m), out.quantized[m], out.specific[m], generator=gen)
+        mi = mi_estimator.mi(club_key(layer_index, m), model.gather(out.quantized[m]), model.gather(out.specific[m]), generator=gen)
         terms[f"{prefix}/mi/{m}"] = mi
         mi_total = mi_total + mi
     terms[f"{prefix}/mi"] = mi_total

@@ -71,6 +71,7 @@ class SrcidModel(nn.Module):
             layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None))
         self.layers = nn.ModuleList(layers)
         self.steps = StepCounter()
+        self.batch_gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     # ------------------------------------------------------------------ training
 
@@ -88,7 +89,7 @@ class SrcidModel(nn.Module):
             if k > 0:
                 previous = outputs[-1].specific
                 inputs = {m: y.detach() if self.config.layer2_detach_input else y for m, y in previous.items()}
-            outputs.append(layer(inputs, masks, update=update, cpc_step=self.cpc_step(step, k)))
+            outputs.append(layer(inputs, masks, update=update, cpc_step=self.cpc_step(step, k), gather=self.batch_gather))
         if update:
             self.steps.advance()
         return ModelOutput(layers=outputs, modalities=self.modalities, step=step)
@@ -109,12 +110,26 @@ class SrcidModel(nn.Module):
                 for k, layer in enumerate(self.layers) for m in layer.modalities}
 
     def club_pairs(self, output: ModelOutput) -> dict:
-        """``{club key: (x, y)}``: quantized general sequence and specific output of each layer that ran."""
-        return {club_key(k + 1, m): (out.quantized[m], out.specific[m])
+        """``{club key: (x, y)}``: quantized general sequence and specific output of each layer that ran
+        (detached, over the global batch under data parallelism, so every rank fits the same q_theta)."""
+        gather = self.gather
+        return {club_key(k + 1, m): (gather(out.quantized[m].detach()), gather(out.specific[m].detach()))
                 for k, out in enumerate(output.layers) for m in out.quantized}
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` ``[B, ...]`` with the batch dimension concatenated over data-parallel ranks."""
+        return tensor if self.batch_gather is None else self.batch_gather(tensor)
 
     def quantizers(self) -> list:
         return [layer.quantizer for layer in self.layers]
+
+    def set_batch_gather(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Install the data-parallel batch gather used by the batch-coupled losses (CPC, CMCM, CLUB).
+
+        ``fn(tensor)`` concatenates the batch dimension over ranks, differentiably
+        (:class:`srcid.train.distributed.BatchGather`); ``None``: single process.
+        """
+        self.batch_gather = fn
 
     def set_reduce_stats(self, fn: Optional[Callable[[torch.Tensor], None]]) -> None:
         """Install the data-parallel statistics reduction on every quantizer (``None``: single process)."""

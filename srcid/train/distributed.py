@@ -175,7 +175,7 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_average_(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over ranks in place and return it (for the CLUB fitter's ``average_grads``)."""
+    """Average ``tensor`` over ranks in place and return it."""
     size = get_world_size()
     if size == 1:
         return tensor
@@ -210,17 +210,24 @@ def all_reduce_mean(values: dict[str, torch.Tensor | float]) -> dict[str, float]
     return dict(zip(keys, means))
 
 
-def failed_ranks(local_error: bool) -> list[int]:
-    """All ranks that report an error (one small all-reduce on the CPU fault group)."""
+def exchange_step_status(local_error: bool, batch_size: int = 0) -> tuple[list[int], list[int]]:
+    """One small all-reduce on the CPU fault group: ``(failed ranks, every rank's batch size)``."""
     size = get_world_size()
-    flags = torch.zeros(size, dtype=torch.int32)
-    flags[get_rank()] = 1 if local_error else 0
+    table = torch.zeros(2, size, dtype=torch.int64)
+    table[0, get_rank()] = 1 if local_error else 0
+    table[1, get_rank()] = int(batch_size)
     if size > 1:
         try:
-            dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=_state.fault_group)
+            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=_state.fault_group)
         except RuntimeError as exc:
             raise _collective_failed("fault check", exc) from None
-    return [r for r, flag in enumerate(flags.tolist()) if flag]
+    flags, sizes = table.tolist()
+    return [r for r, flag in enumerate(flags) if flag], sizes
+
+
+def failed_ranks(local_error: bool) -> list[int]:
+    """All ranks that report an error (one small all-reduce on the CPU fault group)."""
+    return exchange_step_status(local_error)[0]
 
 
 def any_rank_failed(local_error: bool) -> bool:
@@ -228,14 +235,57 @@ def any_rank_failed(local_error: bool) -> bool:
     return bool(failed_ranks(local_error))
 
 
-def stop_if_any_rank_failed(error: BaseException | None) -> None:
-    """Raise on every rank when any rank has an error: its own error there, a SrcidError elsewhere."""
-    failed = failed_ranks(error is not None)
+def stop_if_any_rank_failed(error: BaseException | None, batch_size: int = 0) -> list[int]:
+    """Raise on every rank when any rank has an error: its own error there, a SrcidError elsewhere.
+
+    Otherwise return every rank's ``batch_size`` (the sizes :class:`BatchGather` needs), learned in the
+    same collective.
+    """
+    failed, sizes = exchange_step_status(error is not None, batch_size)
     if error is not None:
         raise error
     if failed:
         names = ", ".join(str(r) for r in failed)
         raise SrcidError(f"rank {get_rank()}: stopping because rank(s) {names} failed (see their error)")
+    return sizes
+
+
+class BatchGather:
+    """Concatenate a tensor's batch dimension across ranks, differentiably.
+
+    The batch-coupled losses (CPC and CMCM negatives, CLUB's all-pairs
+    negative and its q_theta fit) see the global batch through it, so that W
+    ranks with batch b compute what one process with batch W*b computes.
+    Gradients flow back to each rank's own rows (``torch.distributed.nn``'s
+    all_gather sums the gradient copies of every rank, and the engine's
+    gradient averaging divides by W). Batch sizes may differ between ranks
+    (the last batch of an epoch): the trainer sets :attr:`sizes` every step
+    from :func:`stop_if_any_rank_failed`, rows are padded to the largest size
+    for the collective and the padding is dropped again.
+    """
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def __call__(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_gather
+
+        if get_world_size() == 1:
+            return tensor
+        if tensor.shape[dim] != self.sizes[get_rank()]:
+            raise SrcidError(f"batch gather: this rank's tensor has {tensor.shape[dim]} rows along dim {dim}, "
+                             f"the step's batch size is {self.sizes[get_rank()]}")
+        largest = max(self.sizes)
+        padded = tensor
+        if tensor.shape[dim] < largest:
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = largest - tensor.shape[dim]
+            padded = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+        try:
+            parts = all_gather(padded.contiguous())
+        except RuntimeError as exc:
+            raise _collective_failed("all_gather", exc) from None
+        return torch.cat([part.narrow(dim, 0, n) for part, n in zip(parts, self.sizes)], dim=dim)
 
 
 def shutdown(synchronize: bool = True) -> None:

@@ -1,0 +1,398 @@
+"""The distributed trainer: DeepSpeed engine, two-stage schedule, checkpoints, logs.
+
+Entry point of ``deepspeed launcher/train.py`` (and of ``python
+launcher/train.py`` as one process). Per step, on every rank:
+
+1. fetch the rank's batch (the reader gives every rank the same number of
+   steps per epoch) and agree that no rank failed to read it;
+2. forward through the engine (the quantizers' EMA statistics are summed
+   across ranks before each update, so codebooks stay identical), fit the
+   CLUB nets for k inner steps, build the total loss with layer 2's weight
+   from the warm-start schedule;
+3. ``engine.backward`` and ``engine.step`` (gradient averaging, clipping,
+   ZeRO stage 0/1/2);
+4. every ``log_every`` steps: average the loss terms across ranks (the only
+   host synchronisation of the loop), log them, feed the layer-1 MI estimate
+   to the warm-start schedule; every ``checkpoint_every`` steps and at the
+   end: an atomic checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from srcid.config import apply_overrides, from_dict, to_dict
+from srcid.errors import SrcidError
+from srcid.train.warm_start import WarmStart, WarmStartConfig
+
+VARIANTS = ("srcid", "dcid", "dcid-fsq", "dcid-rvq2", "dcid-rvq3", "dcid-rvq4")
+PRESETS = ("tiny", "small", "paper")
+LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launcher"
+RUN_CONFIG_FILE = "run_config.json"
+TRAIN_STATE_FILE = "train_state.json"
+CLUB_STATE_FILE = "club.pt"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a training run is made of; ``--set key=value`` reaches every leaf."""
+
+    variant: str = "srcid"
+    preset: str = "small"
+    split: str = "train"
+    epochs: int = 6
+    max_steps: Optional[int] = None
+    batch_size: int = 80  # clips per rank and micro-step
+    gradient_accumulation: int = 1
+    zero_stage: int = 0
+    lr: float = 4e-4
+    grad_clip: float = 0.5
+    seed: int = 43
+    num_workers: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    timeout_s: float = 120.0
+    model: object = None  # srcid.model.config.ModelConfig
+    warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
+
+    def validate(self) -> "RunConfig":
+        if self.variant not in VARIANTS:
+            raise SrcidError(f"--model {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.preset not in PRESETS:
+            raise SrcidError(f"--preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        for name in ("epochs", "batch_size", "gradient_accumulation", "log_every", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise SrcidError(f"config key {name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SrcidError(f"config key max_steps: must be >= 1, got {self.max_steps}")
+        if self.zero_stage not in (0, 1, 2):
+            raise SrcidError(f"config key zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if self.num_workers < 0:
+            raise SrcidError(f"config key num_workers: must be >= 0, got {self.num_workers}")
+        if not (self.lr > 0 and self.grad_clip >= 0):
+            raise SrcidError("config keys lr (> 0) and grad_clip (>= 0) are out of range")
+        self.model.validate()
+        self.warm_start.validate()
+        return self
+
+
+def default_run_config(variant: str, preset: str) -> RunConfig:
+    from srcid.model.config import model_config
+
+    return RunConfig(variant=variant, preset=preset, model=model_config(preset))
+
+
+def _run_config_types():
+    from srcid.model.config import ModelConfig
+
+    return ModelConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launcher/train.py",
+        description="Train SRCID or a DCID baseline (one process, or many through the deepspeed launcher).",
+    )
+    parser.add_argument("--model", choices=VARIANTS, default="srcid", help="method variant")
+    parser.add_argument("--preset", choices=PRESETS, default="small", help="model sizes (tiny, small: CPU; paper: GPU)")
+    parser.add_argument("--data", type=Path, required=True, help="pretraining dataset folder (with dataset.json)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, exported model)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs over the training split (default 6)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--kernels", choices=("auto", "fused", "reference"), default=None,
+                        help="hot-op implementation (default: $SRCID_KERNELS, else auto)")
+    parser.add_argument("--deepspeed_config", type=Path, default=None,
+                        help="DeepSpeed JSON config (default: launcher/ds_config_gpu.json on CUDA, ds_config_cpu.json otherwise)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any run-config key, e.g. --set batch_size=40 --set model.codebook.size=512 "
+                             "--set warm_start.mode=epoch (an unknown key lists the valid ones)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_config(args) -> RunConfig:
+    """The run config: saved one on resume (flags may not change it), else defaults + flags + overrides."""
+    config_path = args.out / RUN_CONFIG_FILE
+    if args.resume:
+        if not config_path.is_file():
+            raise SrcidError(f"--resume: {config_path} not found: {args.out} is not a run directory")
+        data = json.loads(config_path.read_text())
+        config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(config_path))
+        config.model = from_dict(_run_config_types(), data["model"], f"{config_path}: model")
+        config.warm_start = from_dict(WarmStartConfig, data["warm_start"], f"{config_path}: warm_start")
+        if args.max_steps is not None:
+            config.max_steps = args.max_steps
+        if args.epochs is not None:
+            config.epochs = args.epochs
+        return config.validate()
+    config = default_run_config(args.model, args.preset)
+    if args.max_steps is not None:
+        config.max_steps = args.max_steps
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    apply_overrides(config, args.overrides)
+    return config.validate()
+
+
+class Trainer:
+    """Owns the engine, the CLUB fitter, the reader, the schedule, checkpoints and logs of one run."""
+
+    def __init__(self, config: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool,
+                 ds_config_path: Optional[Path] = None, progress: bool = True):
+        import deepspeed
+
+        from srcid.data.reader import ShardLoader
+        from srcid.model.club import build_mi_fitter
+        from srcid.model.variants import build_model_from_manifest
+        from srcid.train import distributed as dist_helpers
+        from srcid.train.checkpoint import CheckpointManager
+        from srcid.train.metrics_log import MetricsLogger
+
+        self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
+        self.dist = dist_helpers
+        self.rank, self.world_size, self.local_rank, self.device = dist_helpers.init_distributed(timeout_s=config.timeout_s)
+        self.is_main = self.rank == 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        # Same initial weights and codebooks on every rank, then per-rank streams (dropout).
+        dist_helpers.seed_everything(config.seed, 0)
+        self.loader = ShardLoader(
+            self.data_dir, config.split, batch_size=config.batch_size, rank=self.rank, world_size=self.world_size,
+            num_workers=config.num_workers, seed=config.seed, shuffle=True, tail="merge",
+        )
+        self.manifest = self.loader.manifest
+        model = build_model_from_manifest(config.variant, config.model, self.manifest)
+        self.mi_fitter = build_mi_fitter(model)
+        self.mi_fitter.estimator.to(self.device)
+        dist_helpers.seed_everything(config.seed, self.rank)
+
+        if ds_config_path is None:
+            ds_config_path = LAUNCHER_DIR / ("ds_config_gpu.json" if self.device.type == "cuda" else "ds_config_cpu.json")
+        ds_config = dist_helpers.load_ds_config(
+            ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation,
+        )
+        ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.lr
+        ds_config["gradient_clipping"] = config.grad_clip
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        )
+        self.model = self.engine.module
+        self.gather = dist_helpers.BatchGather()
+        if self.world_size > 1:
+            self.model.set_reduce_stats(dist_helpers.all_reduce_sum_)
+            self.model.set_batch_gather(self.gather)
+
+        self.warm = WarmStart(config.warm_start)
+        if config.variant != "srcid":
+            self.warm = None  # one-layer variants have no second stage
+        self.checkpoints = CheckpointManager(
+            self.run_dir, keep_last=config.keep_last, rank=self.rank, world_size=self.world_size,
+            barrier=dist_helpers.barrier,
+        )
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        if resume:
+            self._resume()
+        elif self.is_main:
+            from srcid.train.checkpoint import write_json_atomic
+
+            write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config))
+        dist_helpers.barrier()
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
+        self.progress = progress and self.is_main
+
+    # -- state -------------------------------------------------------------------------------
+    def layer2_weight(self) -> float:
+        return self.warm.layer2_weight if self.warm is not None else 0.0
+
+    def _train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.world_size,
+            "warm_start": self.warm.state_dict() if self.warm is not None else None,
+        }
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        from srcid.train.checkpoint import rng_state_path, save_engine, save_rng_state, save_tensors, write_json_atomic
+
+        save_engine(self.engine, directory)
+        save_rng_state(rng_state_path(directory, self.rank))
+        if self.is_main:
+            save_tensors(directory / CLUB_STATE_FILE, self.mi_fitter.state_dict())
+            write_json_atomic(directory / TRAIN_STATE_FILE, self._train_state())
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, self._write_checkpoint)
+
+    def _resume(self) -> None:
+        from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, read_json, rng_state_path
+
+        latest = self.checkpoints.latest()
+        if latest is None:
+            raise SrcidError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        state = read_json(latest / TRAIN_STATE_FILE)
+        if state["world_size"] != self.world_size:
+            raise SrcidError(
+                f"--resume: {latest} was written by {state['world_size']} processes, this run has {self.world_size}; "
+                "resume with the same number of processes"
+            )
+        load_engine(self.engine, latest)
+        self.mi_fitter.load_state_dict(load_tensors(latest / CLUB_STATE_FILE))
+        load_rng_state(rng_state_path(latest, self.rank))
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if self.warm is not None and state["warm_start"] is not None:
+            self.warm.load_state_dict(state["warm_start"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _batches(self):
+        """The rank's batches from the current position; read errors are agreed on by all ranks."""
+        iterator = iter(self.loader.epoch(self.epoch, start_step=self.step_in_epoch))
+        while True:
+            error = None
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                batch = None
+            except SrcidError as exc:
+                batch, error = None, exc
+            sizes = self.dist.stop_if_any_rank_failed(error, len(batch) if batch is not None else 0)
+            if batch is None or not all(sizes):
+                if any(sizes):
+                    raise SrcidError(f"rank {self.rank}: ranks disagree on the epoch's length (batch sizes {sizes})")
+                return
+            self.gather.sizes = sizes
+            yield batch
+
+    def _forward_loss(self, batch):
+        from srcid.train.step import compute_loss
+
+        batch = batch.to(self.device, non_blocking=True)
+        if self.bf16:
+            batch = dataclasses.replace(batch, features={k: v.to(torch.bfloat16) for k, v in batch.features.items()})
+        return compute_loss(self.model, self.mi_fitter, batch, self.layer2_weight(), forward=self.engine)
+
+    def _log(self, terms: dict, clips: int, elapsed: float) -> dict:
+        scalars = {k: v for k, v in terms.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
+        averaged = self.dist.all_reduce_mean(scalars)
+        averaged["lr"] = self.engine.get_lr()[0]
+        averaged["clips_per_s"] = clips * self.world_size / max(elapsed, 1e-9)
+        averaged["layer2_weight"] = self.layer2_weight()
+        if self.warm is not None:
+            mi_keys = [k for k in averaged if k.startswith("L1/mi/")]
+            if mi_keys:
+                was_on = self.warm.switched
+                self.warm.observe(self.step, self.epoch, sum(averaged[k] for k in mi_keys) / len(mi_keys))
+                if self.warm.switched and not was_on:
+                    self.logger.event(self.step, "warm_start_switch", self.warm.switch_record)
+                    if self.is_main:
+                        record = self.warm.switch_record
+                        print(f"layer 2 switched on at step {record['step']} (epoch {record['epoch']}): {record['reason']}",
+                              file=sys.stderr)
+        self.logger.log(self.step, averaged)
+        return averaged
+
+    def train(self) -> Path:
+        from tqdm import tqdm
+
+        config = self.config
+        steps_per_epoch = self.loader.steps_per_epoch()
+        total = steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        bar = tqdm(total=total, initial=min(self.step, total), disable=not self.progress, desc="train", unit="step",
+                   dynamic_ncols=True)
+        self.engine.train()
+        window_clips, window_start = 0, time.perf_counter()
+        finished = self.step >= total
+        while not finished and self.epoch < config.epochs:
+            if self.warm is not None:
+                self.warm.start_epoch(self.step, self.epoch)
+            for batch in self._batches():
+                total_loss, terms = self._forward_loss(batch)
+                self.engine.backward(total_loss)
+                self.engine.step()
+                self.step += 1
+                self.step_in_epoch += 1
+                window_clips += len(batch)
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == total:
+                    now = time.perf_counter()
+                    averaged = self._log({"loss": total_loss.detach(), **terms}, window_clips, now - window_start)
+                    window_clips, window_start = 0, now
+                    bar.set_postfix(loss=f"{averaged['loss']:.3f}", l2=f"{self.layer2_weight():g}")
+                if self.step >= total:
+                    finished = True
+                    break
+                if self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+            else:
+                self.epoch += 1
+                self.step_in_epoch = 0
+        bar.close()
+        path = self.save_checkpoint()
+        self.logger.close()
+        if self.is_main:
+            self.export()
+            from srcid.train.metrics_log import plot_metrics
+
+            plot_metrics(self.run_dir)
+        return path
+
+    def export(self, path: Optional[Path] = None) -> Path:
+        from srcid.model.export import export_model
+
+        path = path or self.run_dir / "model.safetensors"
+        export_model(
+            self.model, variant=self.config.variant, config=self.config.model,
+            input_shapes=model_input_shapes(self.manifest), path=path,
+            extra={"run_dir": str(self.run_dir), "step": self.step, "epoch": self.epoch},
+        )
+        return path
+
+    def close(self, ok: bool = True) -> None:
+        self.dist.shutdown(synchronize=ok)
+
+
+def model_input_shapes(manifest) -> dict:
+    return {m: tuple(spec.shape) for m, spec in manifest.modalities.items()}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    trainer = None
+    try:
+        if args.kernels:
+            from srcid.ops import set_kernels
+
+            set_kernels(args.kernels)
+        config = resolve_config(args)
+        trainer = Trainer(config, args.data, args.out, resume=args.resume, ds_config_path=args.deepspeed_config,
+                          progress=not args.quiet)
+        trainer.train()
+        if trainer.is_main:
+            print(f"run directory: {args.out.resolve()}")
+            print(f"exported model: {(args.out / 'model.safetensors').resolve()}")
+        trainer.close(ok=True)
+        return 0
+    except SrcidError as exc:
+        print(f"srcid: error: {exc}", file=sys.stderr)
+        if trainer is not None:
+            trainer.close(ok=False)
+        return exc.exit_code
