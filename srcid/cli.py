@@ -16,6 +16,8 @@ from srcid.errors import SrcidError
 # command-group modules, in the order `srcid --help` lists them
 COMMAND_MODULES = [
     "srcid.data.commands",
+    "srcid.train.commands",
+    "srcid.eval.commands",
 ]
 
 
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "passes_extra_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
     try:
         if getattr(args, "kernels", None):
             from srcid.ops import set_kernels

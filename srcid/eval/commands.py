@@ -1,0 +1,159 @@
+"""``srcid eval`` (every downstream task of the paper) and ``srcid encode`` (a dataset's codes as shards)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from srcid.cli import add_kernels_flag
+from srcid.errors import SrcidError
+
+DATA_FOLDERS = "ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/"
+PROTOCOL_DESCRIPTIONS = {
+    "default": "held-out test splits; the head after the last epoch",
+    "authors": "the authors' choices: best epoch selected on the test data; AVE cross-modal heads tested on the "
+               "train split of the other modality; localization lr halved after epochs 10, 20, 30",
+}
+
+
+def _layers_tag(layers) -> str:
+    return "-".join(str(k) for k in layers)
+
+
+def default_output(run: Path, weights: Path, protocol: str, layers, task: str) -> Path:
+    """``RUN_DIR/eval-<protocol>-layers<1 or 1-2>.json`` (``-<task>`` added when one task ran)."""
+    run_dir = run if run.is_dir() else weights.parent
+    suffix = "" if task == "all" else f"-{task}"
+    return run_dir / f"eval-{protocol}-layers{_layers_tag(layers)}{suffix}.json"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise SrcidError(f"{name} {value}: must be at least 1")
+    return value
+
+
+def _eval(args) -> int:
+    from srcid import __version__
+    from srcid.eval.features import FeatureEncoder, open_model, parse_layers
+    from srcid.eval.probe import seed_list
+    from srcid.eval.tables import to_markdown
+    from srcid.eval.tasks import EvalSettings, evaluate, expand_tasks, method_name, result_tables
+
+    for name in ("--seeds", "--epochs-cls", "--epochs-loc", "--batch-size"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    tasks = expand_tasks(args.task)
+    model, info, weights = open_model(args.run, args.device)
+    layers = parse_layers(args.layers, model)
+    out = args.out or default_output(args.run, weights, args.protocol, layers, args.task)
+    if out.is_dir():
+        raise SrcidError(f"--out {out}: is a folder; name the JSON file to write")
+    encoder = FeatureEncoder(model, layers, batch_size=args.batch_size)
+    settings = EvalSettings(protocol=args.protocol, seeds=seed_list(args.seeds), epochs_cls=args.epochs_cls,
+                            epochs_loc=args.epochs_loc, background=not args.no_background, device=str(encoder.device),
+                            progress=sys.stderr.isatty()).validate()
+    report = evaluate(args.data, encoder, tasks, settings)
+
+    method = method_name(model.variant, layers, len(model.layers))
+    tables = result_tables(method, report["tasks"], settings.seeds)
+    step = info["extra"].get("step")
+    header = (f"srcid eval: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
+              f"layers {','.join(map(str, layers))}, protocol {args.protocol} ({PROTOCOL_DESCRIPTIONS[args.protocol]}), "
+              f"seeds {', '.join(map(str, settings.seeds))}")
+    markdown = header + "\n\n" + "\n".join(to_markdown(table) for table in tables.values())
+    print(markdown)
+    _write_json(out, {
+        "srcid_version": __version__,
+        "command": "eval",
+        "model": {"path": str(weights), "variant": model.variant, "step": step, "extra": info["extra"],
+                  "layers": len(model.layers)},
+        "data": str(args.data),
+        "tasks_run": list(tasks),
+        "protocol": args.protocol,
+        "protocol_description": PROTOCOL_DESCRIPTIONS[args.protocol],
+        "layers": list(layers),
+        "feature_dim": encoder.feature_dim,
+        "method": method,
+        "seeds": settings.seeds,
+        "epochs": {"classification": settings.epochs_cls, "localization": settings.epochs_loc},
+        "head_training": {"batch_size": settings.batch_size, "lr": settings.lr, "grad_clip": settings.grad_clip,
+                          "hidden": settings.hidden, "keep": settings.keep},
+        "background_column": settings.background,
+        "device": str(encoder.device),
+        "results": report["tasks"],
+        "tables": tables,
+        "markdown": markdown,
+    })
+    print(f"wrote {out}")
+    return 0
+
+
+def _encode(args) -> int:
+    from srcid.eval.features import encode_dataset, open_model, parse_layers
+
+    _positive("--batch-size", args.batch_size)
+    model, info, _ = open_model(args.run, args.device)
+    layers = parse_layers(args.layers, model)
+    splits = None
+    if args.splits is not None:
+        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        if not splits:
+            raise SrcidError(f"--splits {args.splits!r}: name at least one split")
+    manifest = encode_dataset(model, info, args.data, args.out, layers=layers, splits=splits, batch_size=args.batch_size)
+    summary = ", ".join(f"{name} {info.samples} clips" for name, info in manifest.splits.items())
+    shapes = ", ".join(f"{m} [{', '.join('S' if s is None else str(s) for s in spec.shape)}]"
+                       for m, spec in manifest.modalities.items())
+    print(f"wrote {Path(args.out) / 'dataset.json'}: {summary}; codes of layers {','.join(map(str, layers))} as {shapes}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``eval`` and ``encode`` to the ``srcid`` command line."""
+    from srcid.eval.tasks import PROTOCOLS, TASKS
+
+    p = sub.add_parser(
+        "eval", help="the paper's downstream tasks on a frozen model (Tables I-III)",
+        description="Train heads on a frozen model's quantized features and report the paper's tables "
+                    f"(DATA_DIR holds {DATA_FOLDERS}).",
+    )
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help=f"DATA_DIR with the task folders {DATA_FOLDERS}")
+    p.add_argument("--task", choices=TASKS + ("all",), required=True)
+    p.add_argument("--layers", default=None, metavar="1|1,2", help="1 (layer 1 only, the paper's 'only1') or 1,2 (default: every layer of the model)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="default",
+                   help="default: held-out test splits, last epoch; authors: the authors' choices (see docs/EVALUATION.md)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="head seeds (43, 44, ...); results give mean and spread")
+    p.add_argument("--epochs-cls", type=int, default=30, metavar="N", help="epochs of classification heads")
+    p.add_argument("--epochs-loc", type=int, default=50, metavar="N", help="epochs of localization heads")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="JSON file (default: RUN_DIR/eval-<protocol>-layers<1|1-2>.json)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--no-background", action="store_true", help="no background column in localization targets")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="clips per encoding batch")
+    add_kernels_flag(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "encode", help="write a dataset's discrete codes as shards",
+        description="Encode every clip of a dataset with a frozen model and write its code indices per layer "
+                    "and time step as a new dataset (float32 [T, columns] per modality, meta.json kept).",
+    )
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
+    p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR", help="the dataset folder to encode")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="an empty or new folder for the codes")
+    p.add_argument("--layers", default=None, metavar="1|1,2", help="1 or 1,2 (default: every layer of the model)")
+    p.add_argument("--splits", default=None, metavar="SPLIT,...", help="comma-separated splits (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="clips per encoding batch")
+    add_kernels_flag(p)
+    p.set_defaults(func=_encode)

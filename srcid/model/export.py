@@ -1,0 +1,202 @@
+"""Inference weights of a model as safetensors plus a JSON sidecar, and loading them back.
+
+``export_model(..., path="run/model.safetensors")`` writes
+
+* ``model.safetensors``: every parameter and persistent buffer of the model
+  (codebooks, EMA statistics and the step counter included; the CLUB nets
+  are not part of the model), and
+* ``model.json``: the variant, the model config as a dict, the input shapes,
+  the srcid version, the SHA-256 of the weights file and ``extra`` (e.g. the
+  run directory and the training step),
+
+each written under a temporary name and renamed. :func:`load_model` rebuilds
+the model with :func:`srcid.model.variants.build_model` from the JSON and
+loads the tensors with safetensors, so nothing is ever unpickled. Every
+problem (a missing file, a JSON that does not describe the weights, a tensor
+that does not fit the config) is one :class:`SrcidError` line naming the file
+and the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from srcid import __version__
+from srcid.config import from_dict, to_dict
+from srcid.errors import SrcidError
+from srcid.model.config import ModelConfig
+from srcid.model.variants import build_model, get_variant
+
+FORMAT = "srcid-model"
+FORMAT_VERSION = 1
+WEIGHTS_SUFFIX = ".safetensors"
+SIDECAR_KEYS = ("format", "format_version", "variant", "config", "input_shapes", "srcid_version", "weights_sha256", "extra")
+
+
+def sidecar_path(path) -> Path:
+    """The JSON sidecar of a weights file: ``model.safetensors`` -> ``model.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def _weights_path(path) -> Path:
+    path = Path(path)
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise SrcidError(f"{path}: an exported model file must end in {WEIGHTS_SUFFIX}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def export_model(model, *, variant: str, config: ModelConfig, input_shapes: dict, path, extra: dict | None = None) -> Path:
+    """Write ``model``'s inference weights to ``path`` (``*.safetensors``) and its JSON sidecar; returns ``path``.
+
+    ``extra`` (JSON-serialisable; paths are written as strings) is stored as is,
+    e.g. ``{"run_dir": ..., "step": ...}``.
+    """
+    path = _weights_path(path)
+    get_variant(variant)
+    if getattr(model, "variant", variant) != variant:
+        raise SrcidError(f"export {path}: the model is a {model.variant!r} model, not {variant!r}")
+    config.validate()
+    shapes = {m: [None if s is None else int(s) for s in shape] for m, shape in input_shapes.items()}
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt", "srcid": FORMAT, "variant": variant}))
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": variant,
+            "config": to_dict(config),
+            "input_shapes": shapes,
+            "srcid_version": __version__,
+            "weights_sha256": _sha256(tmp),
+            "extra": dict(extra or {}),
+        }
+        text = json.dumps(info, indent=2, default=str) + "\n"
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    target = sidecar_path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _replace_atomically(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_sidecar(path) -> dict:
+    """The validated JSON sidecar of the weights file ``path``."""
+    path = _weights_path(path)
+    where = sidecar_path(path)
+    if not where.is_file():
+        raise SrcidError(f"{where}: missing: the exported model {path.name} needs its JSON sidecar")
+    try:
+        info = json.loads(where.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SrcidError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise SrcidError(f"{where}: must be a JSON object, found {type(info).__name__}")
+    for key in SIDECAR_KEYS:
+        if key not in info:
+            raise SrcidError(f"{where}: key {key}: missing")
+    unknown = sorted(set(info) - set(SIDECAR_KEYS))
+    if unknown:
+        raise SrcidError(f"{where}: key {unknown[0]}: unknown (valid keys: {', '.join(SIDECAR_KEYS)})")
+    if info["format"] != FORMAT or info["format_version"] != FORMAT_VERSION:
+        raise SrcidError(f"{where}: key format: {info['format']!r} version {info['format_version']!r}, "
+                         f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    if not isinstance(info["extra"], dict):
+        raise SrcidError(f"{where}: key extra: must be an object")
+    shapes = info["input_shapes"]
+    if not isinstance(shapes, dict) or not all(isinstance(s, list) for s in shapes.values()):
+        raise SrcidError(f"{where}: key input_shapes: must map each modality to a list of sizes")
+    if not isinstance(info["config"], dict):
+        raise SrcidError(f"{where}: key config: must be an object")
+    return info
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+def load_model(path, device="cpu") -> tuple:
+    """Rebuild an exported model: ``(model in eval mode on device, sidecar info)``.
+
+    Floating-point tensors stored in another float dtype (e.g. bf16) are cast
+    to the dtype the rebuilt model uses. ``info`` is the sidecar's content
+    plus ``"path"`` (the weights file).
+    """
+    path = _weights_path(path)
+    if not path.is_file():
+        raise SrcidError(f"{path}: no such model file")
+    info = read_sidecar(path)
+    where = sidecar_path(path)
+    try:
+        get_variant(info["variant"])
+    except SrcidError as exc:
+        raise SrcidError(f"{where}: key variant: {exc}") from None
+    try:
+        config = from_dict(ModelConfig, info["config"], where="config")
+    except SrcidError as exc:
+        raise SrcidError(f"{where}: key {exc}") from None
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise SrcidError(f"{where}: key config: does not describe a model config ({exc})") from None
+    try:
+        config.validate()
+    except SrcidError as exc:
+        raise SrcidError(f"{where}: key config: {exc}") from None
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise SrcidError(f"{where}: key config: does not describe a model config ({exc})") from None
+    shapes = {m: tuple(shape) for m, shape in info["input_shapes"].items()}
+    try:
+        model = build_model(info["variant"], config, shapes)
+    except SrcidError as exc:
+        raise SrcidError(f"{where}: key input_shapes: {exc}") from None
+    if _sha256(path) != info["weights_sha256"]:
+        raise SrcidError(f"{where}: key weights_sha256: does not match {path.name} (the two files come from different exports)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SrcidError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    expected = model.state_dict()
+    for key, target in expected.items():
+        if key not in tensors:
+            raise SrcidError(f"{path}: key {key}: missing (the {info['variant']} model of {where.name} has it)")
+        found = tensors[key]
+        same_kind = found.dtype == target.dtype or (found.is_floating_point() and target.is_floating_point())
+        if found.shape != target.shape or not same_kind:
+            raise SrcidError(f"{path}: key {key}: {_describe(found)} does not fit the config of {where.name} "
+                             f"(expected {_describe(target)})")
+        tensors[key] = found.to(target.dtype)
+    for key in tensors:
+        if key not in expected:
+            raise SrcidError(f"{path}: key {key}: not part of the {info['variant']} model of {where.name}")
+    model.load_state_dict(tensors, strict=True)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SrcidError(f"device {device}: CUDA is not available on this machine")
+    model.to(device).eval()
+    return model, {**info, "path": str(path)}
