@@ -52,6 +52,14 @@ class Batch:
             self, features=pin(self.features), masks=pin(self.masks), labels=self.labels.pin_memory(), segments=pin(self.segments)
         )
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """The clips ``start:stop`` of the batch (padded modalities keep their padded length)."""
+        part = lambda d: {k: v[start:stop] for k, v in d.items()}  # noqa: E731
+        return Batch(
+            keys=self.keys[start:stop], features=part(self.features), masks=part(self.masks),
+            labels=self.labels[start:stop], segments=part(self.segments), captions=self.captions[start:stop],
+        )
+
     def select(self, modalities) -> "Batch":
         """The same clips with only the given modalities."""
         keep = lambda d: {k: v for k, v in d.items() if k in modalities}  # noqa: E731

@@ -257,8 +257,12 @@ class ShardLoader:
     def _iterate(self, epoch: int, steps: list, start_step: int) -> Iterator[Batch]:
         self.skipped, self.skip_reasons = 0, []
         workers = min(self.num_workers, len(steps) - start_step)
+        # The batches depend on (seed, epoch) only; the DataLoader's own seed draw comes from a private
+        # generator so that reading never moves the global RNG (dropout) and a resumed run stays exact.
+        private = torch.Generator()
+        private.manual_seed(self.seed * 1_000_003 + epoch)
         loader = DataLoader(_EpochSteps(self, steps, start_step), batch_size=None, num_workers=workers,
-                            collate_fn=_identity, pin_memory=self.pin_memory)
+                            collate_fn=_identity, pin_memory=self.pin_memory, generator=private)
         expected = start_step
         for step, batch, skipped, error in loader:
             if error is not None:

@@ -9,14 +9,25 @@ from srcid.model.cmcm import cmcm_loss
 from srcid.model.randomness import CLUB_STREAM, generator
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE over all elements; with ``mask [B, T]`` only real steps count."""
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                        gather=None) -> torch.Tensor:
+    """MSE over all elements; with ``mask [B, T]`` only real steps count.
+
+    Under data parallelism (``gather`` concatenates the batch over ranks) the
+    masked mean is normalised by the global count of real steps, so the
+    average over ranks equals the masked mean over the global batch.
+    """
     sq = (reconstruction.float() - target.float()) ** 2
     if mask is None:
         return sq.mean()
-    weight = mask.to(sq.dtype).reshape(*mask.shape, *([1] * (sq.dim() - 2)))
+    weight = mask.to(sq.dtype)
+    count = weight.sum()
+    if gather is not None:
+        everyone = gather(weight.detach())
+        count = everyone.sum() * (weight.shape[0] / everyone.shape[0])
+    weight = weight.reshape(*mask.shape, *([1] * (sq.dim() - 2)))
     per_step = sq[0, 0].numel()
-    return (sq * weight).sum() / (weight.sum() * per_step).clamp_min(1.0)
+    return (sq * weight).sum() / (count * per_step).clamp_min(1.0)
 
 
 def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
@@ -28,7 +39,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
     terms = {}
     total = torch.zeros((), device=out.codes_used.device)
     for m in layer.modalities:
-        recon = reconstruction_loss(out.reconstructions[m], out.targets[m], out.masks.get(m))
+        recon = reconstruction_loss(out.reconstructions[m], out.targets[m], out.masks.get(m), gather=model.batch_gather)
         terms[f"{prefix}/recon/{m}"] = recon
         total = total + w.recon * recon
     commit = torch.stack(list(out.commitment.values())).sum()

@@ -410,6 +410,25 @@ def save_engine(engine, directory) -> None:
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
 
 
+def load_module_state(directory) -> dict:
+    """The model's state dict from :func:`save_engine`'s files, without a DeepSpeed engine.
+
+    Reads ``engine/mp_rank_00_model_states.pt`` (the full module state under
+    ZeRO stages 0-2) with ``weights_only`` loading.
+    """
+    path = Path(directory) / ENGINE_TAG / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise SrcidError(f"{path}: missing: not a complete srcid checkpoint")
+    try:
+        with _forced_weights_only(deepspeed_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SrcidError(f"{path}: cannot read the model state: {_load_error(exc)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise SrcidError(f"{path}: no 'module' state dict in the checkpoint")
+    return state["module"]
+
+
 def load_engine(engine, directory, **kwargs) -> dict:
     """Load :func:`save_engine`'s state into ``engine``; returns DeepSpeed's client state.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,10 +126,14 @@ def resolve_config(args) -> RunConfig:
     if args.resume:
         if not config_path.is_file():
             raise SrcidError(f"--resume: {config_path} not found: {args.out} is not a run directory")
-        data = json.loads(config_path.read_text())
-        config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(config_path))
-        config.model = from_dict(_run_config_types(), data["model"], f"{config_path}: model")
-        config.warm_start = from_dict(WarmStartConfig, data["warm_start"], f"{config_path}: warm_start")
+        config = load_run_config(config_path)
+        # The same command line may be repeated with --resume; it may not change the run.
+        import copy
+
+        changed = [item.split("=", 1)[0] for item in args.overrides
+                   if to_dict(apply_overrides(copy.deepcopy(config), [item])) != to_dict(config)]
+        if changed:
+            raise SrcidError(f"--resume continues the saved run config ({config_path}); --set would change {', '.join(changed)}")
         if args.max_steps is not None:
             config.max_steps = args.max_steps
         if args.epochs is not None:
@@ -162,6 +166,10 @@ class Trainer:
         self.dist = dist_helpers
         self.rank, self.world_size, self.local_rank, self.device = dist_helpers.init_distributed(timeout_s=config.timeout_s)
         self.is_main = self.rank == 0
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores between the ranks of this machine instead of oversubscribing them.
+            local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -226,6 +234,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "world_size": self.world_size,
             "warm_start": self.warm.state_dict() if self.warm is not None else None,
+            "input_shapes": model_input_shapes(self.manifest),
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
@@ -298,14 +307,18 @@ class Trainer:
             if mi_keys:
                 was_on = self.warm.switched
                 self.warm.observe(self.step, self.epoch, sum(averaged[k] for k in mi_keys) / len(mi_keys))
-                if self.warm.switched and not was_on:
-                    self.logger.event(self.step, "warm_start_switch", self.warm.switch_record)
-                    if self.is_main:
-                        record = self.warm.switch_record
-                        print(f"layer 2 switched on at step {record['step']} (epoch {record['epoch']}): {record['reason']}",
-                              file=sys.stderr)
+                self._report_switch(was_on)
         self.logger.log(self.step, averaged)
         return averaged
+
+    def _report_switch(self, was_on: bool) -> None:
+        """Log the warm-start switch (step, MI, reason) the moment it happens."""
+        if self.warm.switched and not was_on and self.config.warm_start.mode != "off":
+            record = self.warm.switch_record
+            self.logger.event(self.step, "warm_start_switch", record)
+            if self.is_main:
+                print(f"layer 2 switched on at step {record['step']} (epoch {record['epoch']}): {record['reason']}",
+                      file=sys.stderr)
 
     def train(self) -> Path:
         from tqdm import tqdm
@@ -322,7 +335,9 @@ class Trainer:
         finished = self.step >= total
         while not finished and self.epoch < config.epochs:
             if self.warm is not None:
+                was_on = self.warm.switched
                 self.warm.start_epoch(self.step, self.epoch)
+                self._report_switch(was_on)
             for batch in self._batches():
                 total_loss, terms = self._forward_loss(batch)
                 self.engine.backward(total_loss)
@@ -345,6 +360,7 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
         bar.close()
+        self.verify_replicas()
         path = self.save_checkpoint()
         self.logger.close()
         if self.is_main:
@@ -353,6 +369,22 @@ class Trainer:
 
             plot_metrics(self.run_dir)
         return path
+
+    def verify_replicas(self) -> bool:
+        """Check that every rank holds bitwise the same parameters and buffers (codebooks, EMA state).
+
+        One small collective; the result is logged as the ``replica_check`` event. A mismatch is an error.
+        """
+        digest = state_digest(self.model.state_dict())
+        table = torch.zeros(self.world_size, dtype=torch.int64)
+        table[self.rank] = digest
+        self.dist.all_reduce_sum_(table)
+        digests = table.tolist()
+        identical = len(set(digests)) == 1
+        self.logger.event(self.step, "replica_check", {"identical": identical, "digests": digests})
+        if not identical:
+            raise SrcidError(f"model replicas diverged across ranks at step {self.step} (state digests {digests})")
+        return identical
 
     def export(self, path: Optional[Path] = None) -> Path:
         from srcid.model.export import export_model
@@ -367,6 +399,54 @@ class Trainer:
 
     def close(self, ok: bool = True) -> None:
         self.dist.shutdown(synchronize=ok)
+
+
+def state_digest(state: dict) -> int:
+    """A 62-bit digest of the exact bytes of a state dict's tensors (in key order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        h.update(key.encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 2
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A :class:`RunConfig` from a run directory's ``run_config.json``."""
+    from srcid.train.checkpoint import read_json
+
+    data = read_json(path)
+    config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(path))
+    config.model = from_dict(_run_config_types(), data["model"], f"{path}: model")
+    config.warm_start = from_dict(WarmStartConfig, data["warm_start"], f"{path}: warm_start")
+    return config
+
+
+def export_run(run_dir: Path, out: Path) -> Path:
+    """Inference weights of a run's latest checkpoint as safetensors + JSON (``srcid export``)."""
+    from srcid.model.export import export_model
+    from srcid.model.variants import build_model
+    from srcid.train.checkpoint import CheckpointManager, load_module_state, read_json
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / RUN_CONFIG_FILE
+    if not config_path.is_file():
+        raise SrcidError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE})")
+    config = load_run_config(config_path)
+    latest = CheckpointManager(run_dir).latest()
+    if latest is None:
+        raise SrcidError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    state = read_json(latest / TRAIN_STATE_FILE)
+    model = build_model(config.variant, config.model, state["input_shapes"])
+    try:
+        model.load_state_dict(load_module_state(latest))
+    except RuntimeError as exc:
+        raise SrcidError(f"{latest}: the checkpoint does not fit {RUN_CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
+    return export_model(model, variant=config.variant, config=config.model, input_shapes=state["input_shapes"],
+                        path=out, extra={"run_dir": str(run_dir), "checkpoint": str(latest), "step": state["step"],
+                                         "epoch": state["epoch"]})
 
 
 def model_input_shapes(manifest) -> dict:
