@@ -213,6 +213,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        if not resume and self.checkpoints.latest() is not None:
+            raise SrcidError(f"{self.run_dir} already holds a run with checkpoints; continue it with --resume "
+                             "or choose a new --out")
         if resume:
             self._resume()
         elif self.is_main:
