@@ -178,3 +178,12 @@ def test_unknown_config_key_or_bad_value_is_one_line(tmp_path, capsys, data):
     code = train_main(["--data", str(data), "--out", str(tmp_path / "r2"), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "run_config.json" in err[0]
+
+
+def test_zero_stage_2_with_gradient_accumulation_keeps_replicas_identical(data, tmp_path):
+    out = tmp_path / "zero2"
+    result = run(deepspeed_cmd(data, out, "--set", "zero_stage=2", "--set", "gradient_accumulation=2",
+                               "--max-steps", "8"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = [e for e in events(out) if e["name"] == "replica_check"]
+    assert checks and checks[-1]["info"]["identical"] is True and checks[-1]["step"] == 8
