@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "srcid.data.commands",
     "srcid.train.commands",
     "srcid.eval.commands",
+    "srcid.study.commands",
 ]
 
 

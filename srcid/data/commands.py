@@ -1,7 +1,6 @@
 """``srcid data ...``: synthesize, check and import feature datasets."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 

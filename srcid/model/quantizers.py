@@ -15,6 +15,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from srcid.errors import SrcidError
+
 
 @dataclasses.dataclass
 class QuantizerOutput:
@@ -57,6 +59,25 @@ class Quantizer(nn.Module):
             out.append(flat[start:start + t.numel()].view(t.shape))
             start += t.numel()
         return out
+
+
+class CodebookQuantizer(Quantizer):
+    """A quantizer with EMA codebooks (VQ, RVQ): float32 outside autocast, training or lookup.
+
+    Subclasses hold ``modalities`` and implement ``_train_step(z, names)``
+    (assign, reduce statistics, EMA update) and ``_lookup(z, names)``.
+    """
+
+    def forward(self, features: dict, *, update: bool) -> QuantizerOutput:
+        names = [m for m in self.modalities if m in features]
+        if update and len(names) != len(self.modalities):
+            raise SrcidError(f"quantizer update needs every modality ({', '.join(self.modalities)}); got {', '.join(features)}")
+        device = next(iter(features.values())).device
+        with torch.autocast(device.type, enabled=False):
+            z = {m: features[m].float() for m in names}
+            if update:
+                return self._train_step(z, names)
+            return self._lookup(z, names)
 
 
 def mmema_mix(rows: torch.Tensor, own: float) -> torch.Tensor:

@@ -9,13 +9,13 @@ from srcid.errors import SrcidError
 from srcid.model.codebook import EMACodebook
 from srcid.model.config import QuantizerConfig
 from srcid.model.quantizers import (
-    Quantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
+    CodebookQuantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
 )
 from srcid.model.randomness import DEAD_CODE_STREAM, StepCounter, generator
 from srcid.model.vq import stack_rows
 
 
-class ResidualMMEMAQuantizer(Quantizer):
+class ResidualMMEMAQuantizer(CodebookQuantizer):
     """``stages`` codebooks of their own, each quantizing the residual the previous stages left.
 
     Code 0 of every stage is fixed at zero (a stage may add nothing). Each
@@ -39,17 +39,6 @@ class ResidualMMEMAQuantizer(Quantizer):
     @property
     def num_codes(self) -> int:
         return self.books[0].num_codes
-
-    def forward(self, features: dict, *, update: bool) -> QuantizerOutput:
-        names = [m for m in self.modalities if m in features]
-        if update and len(names) != len(self.modalities):
-            raise SrcidError(f"quantizer update needs every modality ({', '.join(self.modalities)}); got {', '.join(features)}")
-        device = next(iter(features.values())).device
-        with torch.autocast(device.type, enabled=False):
-            z = {m: features[m].float() for m in names}
-            if update:
-                return self._train_step(z, names)
-            return self._lookup(z, names)
 
     def _train_step(self, z: dict, names: list) -> QuantizerOutput:
         c = self.config

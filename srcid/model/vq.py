@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from srcid.errors import SrcidError
 from srcid.model.codebook import EMACodebook
 from srcid.model.config import QuantizerConfig
 from srcid.model.quantizers import (
-    Quantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
+    CodebookQuantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
 )
 from srcid.model.randomness import DEAD_CODE_STREAM, StepCounter, generator
 
@@ -17,7 +16,7 @@ def stack_rows(z: dict, names: list) -> torch.Tensor:
     return torch.stack([z[m].detach().reshape(-1, z[m].shape[-1]) for m in names])
 
 
-class MMEMAQuantizer(Quantizer):
+class MMEMAQuantizer(CodebookQuantizer):
     """Nearest-code VQ over a shared codebook with MMEMA updates and MMEMA-modified commitment.
 
     Per training step: assign every row with the current codebook (ties to the
@@ -39,17 +38,6 @@ class MMEMAQuantizer(Quantizer):
     @property
     def num_codes(self) -> int:
         return self.book.num_codes
-
-    def forward(self, features: dict, *, update: bool) -> QuantizerOutput:
-        names = [m for m in self.modalities if m in features]
-        if update and len(names) != len(self.modalities):
-            raise SrcidError(f"quantizer update needs every modality ({', '.join(self.modalities)}); got {', '.join(features)}")
-        device = next(iter(features.values())).device
-        with torch.autocast(device.type, enabled=False):
-            z = {m: features[m].float() for m in names}
-            if update:
-                return self._train_step(z, names)
-            return self._lookup(z, names)
 
     def _train_step(self, z: dict, names: list) -> QuantizerOutput:
         c = self.config

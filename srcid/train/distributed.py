@@ -33,7 +33,6 @@ The helpers here convert a failed collective into a one-line
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -339,15 +338,10 @@ def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int
     Only the parameters handed to ``deepspeed.initialize`` are optimised:
     the CLUB networks have their own Adam and stay out of it.
     """
+    from srcid.train.checkpoint import read_json
+
     path = Path(path)
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SrcidError(f"{path}: DeepSpeed config not found") from None
-    except (OSError, ValueError) as exc:
-        raise SrcidError(f"{path}: not valid JSON: {' '.join(str(exc).split())}") from None
-    if not isinstance(config, dict):
-        raise SrcidError(f"{path}: a DeepSpeed config must be a JSON object")
+    config = read_json(path)
     if zero_stage is not None:
         if zero_stage not in ZERO_STAGES:
             raise SrcidError(f"ZeRO stage must be one of {ZERO_STAGES}, got {zero_stage!r}")

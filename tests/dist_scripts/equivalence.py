@@ -9,7 +9,6 @@ variables set. Rank 0 writes the final model state to OUT/state.safetensors.
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from srcid.data.reader import ShardLoader

@@ -1,0 +1,316 @@
+"""The study's results: Tables I-III, Fig. 3 and the MI curves from the cells' files, as Markdown, JSON and PNGs.
+
+Everything is rebuilt from ``STUDY_DIR/cells`` on every invocation, so the
+report always shows every finished cell (including cells run by earlier
+invocations or other ``--only`` selections); a missing number is ``-``.
+
+* Table I: the DCID quantizer baselines, each with its ``m -> m`` row.
+* Table II: DCID, SRCID(only1) (the ``srcid`` cell read at layer 1) and SRCID.
+* Table III: zero-shot retrieval of DCID and SRCID.
+* Fig. 3: the Table II average of SRCID against the codebook size, and with
+  CLUB switched off in layer 1 or layer 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
+from srcid.study.runner import CellFiles, Settings, cell_evals, cell_status, read_record
+
+TABLES_FILE = "tables.md"
+RESULTS_FILE = "results.json"
+PLOT_FILES = {
+    "cross_modal_average": "cross_modal_average.png",
+    "codebook_size": "fig3_codebook_size.png",
+    "club": "fig3_club.png",
+    "mi_curves": "mi_curves.png",
+}
+MI_CELL = "srcid"
+
+
+def split_results(results: dict) -> tuple:
+    """``(cross, same, retrieval)`` of one evaluation's ``results``, in the shapes :mod:`srcid.eval.tables` reads."""
+    from srcid.eval.tasks import CROSS
+
+    cross, same, retrieval = {}, {}, None
+    for task, entry in results.items():
+        if task == "retrieval":
+            retrieval = {name: r["mean"] for name, r in entry.items()}
+            continue
+        metric = entry["metric"]
+        for direction, result in entry["experiments"].items():
+            (cross if direction in CROSS else same).setdefault(task, {})[direction] = result["metrics"][metric]
+    return cross, same, retrieval
+
+
+@dataclasses.dataclass
+class CellResults:
+    cell: Cell
+    status: str
+    evals: dict  # layers -> evaluation JSON
+    record: dict
+    files: CellFiles
+
+    def parts(self, layers: str) -> tuple:
+        """``(cross, same, retrieval)`` of the evaluation with ``layers`` (empty when missing)."""
+        data = self.evals.get(layers)
+        return split_results(data["results"]) if data else ({}, {}, None)
+
+
+def collect(grid: list, settings: Settings) -> dict:
+    """``{cell name: CellResults}`` for every cell of the grid."""
+    found = {}
+    for cell in grid:
+        files = CellFiles(settings.out, cell)
+        found[cell.name] = CellResults(cell, cell_status(cell, settings), cell_evals(cell, settings),
+                                       read_record(files), files)
+    return found
+
+
+def _titled(table: dict, title: str, caption: str) -> dict:
+    return {**table, "title": title, "caption": caption}
+
+
+def build_tables(cells: dict, seeds: list) -> dict:
+    """Tables I, II and III (dicts of :mod:`srcid.eval.tables`)."""
+    from srcid.eval.tables import table1, table2, table3
+
+    cross1, same1 = {}, {}
+    for name, _, label in QUANTIZER_BASELINES:
+        if name in cells:
+            cross, same, _ = cells[name].parts(LAYERS_ONLY1)
+            cross1[label] = cross
+            if same:
+                same1[label] = same
+    rows2, rows3 = {}, {}
+    if "dcid-vq" in cells:
+        cross, _, retrieval = cells["dcid-vq"].parts(LAYERS_ONLY1)
+        rows2["DCID"], rows3["DCID"] = cross, retrieval or {}
+    if "srcid" in cells:
+        rows2["SRCID(only1)"] = cells["srcid"].parts(LAYERS_ONLY1)[0]
+        cross, _, retrieval = cells["srcid"].parts(LAYERS_FULL)
+        rows2["SRCID"], rows3["SRCID"] = cross, retrieval or {}
+    return {
+        "table1": _titled(table1(cross1, same1, seeds), "Table I: quantization methods on DCID",
+                          "DCID with each quantizer, cross-modal results and, below each, the training modality's "
+                          "own results (m → m; AVE→AVVP's equal AVE's and are left out)."),
+        "table2": _titled(table2(rows2, seeds), "Table II: cross-modal generalization on four audio-visual tasks",
+                          "SRCID(only1): the SRCID model's layer-1 codes only. AVE and UCF(v)↔VGG(a): accuracy; "
+                          "AVVP: micro precision at 0.5; AVE→AVVP: micro F1 (all in %)."),
+        "table3": table3(rows3),
+    }
+
+
+def _row_average(row: dict) -> Optional[dict]:
+    from srcid.eval.tables import AVG
+
+    return row[AVG]
+
+
+def figure3(cells: dict, seeds: list) -> dict:
+    """Fig. 3's data: SRCID's cross-modal results per codebook size and per CLUB setting (Table II layout)."""
+    from srcid.eval.tables import table2
+
+    sized = sorted((c for c in cells.values() if c.cell.variant == "srcid" and c.cell.club == "both"),
+                   key=lambda c: c.cell.codebook_size)
+    codebook_rows = {f"codebook {c.cell.codebook_size}": c.parts(LAYERS_FULL)[0] for c in sized}
+    codebook_table = _titled(table2(codebook_rows, seeds), "Fig. 3 (left): SRCID by codebook size",
+                             "SRCID (layers 1,2) trained with each codebook size; cross-modal results (%).")
+    points = [{"size": c.cell.codebook_size, "cell": c.cell.name, "status": c.status, "avg": _row_average(row)}
+              for c, row in zip(sized, codebook_table["rows"])]
+    club_cells = [c for key in ("both", 1, 2) for c in cells.values() if c.cell.variant == "srcid"
+                  and c.cell.club == key and (key != "both" or c.cell.name == "srcid")]
+    club_rows = {CLUB_SETTINGS[c.cell.club]: c.parts(LAYERS_FULL)[0] for c in club_cells}
+    club_table = _titled(table2(club_rows, seeds), "Fig. 3 (right): SRCID with and without CLUB",
+                         "SRCID (layers 1,2) with the CLUB MI loss in both layers, or switched off in one layer; "
+                         "cross-modal results (%).")
+    bars = [{"setting": CLUB_SETTINGS[c.cell.club], "cell": c.cell.name, "status": c.status,
+             "unavailable": c.cell.unavailable, "avg": _row_average(row)}
+            for c, row in zip(club_cells, club_table["rows"])]
+    return {"codebook_size": {"table": codebook_table, "points": points},
+            "club": {"table": club_table, "bars": bars}}
+
+
+def method_averages(tables: dict) -> list:
+    """Table II's average of every method row (Table I's cross-modal rows, then Table II's SRCID rows)."""
+    rows = [r for r in tables["table1"]["rows"] if r["kind"] == "cross-modal"]
+    rows += [r for r in tables["table2"]["rows"] if r["method"].startswith("SRCID")]
+    return [{"method": r["method"], "avg": _row_average(r)} for r in rows]
+
+
+def mi_curves(run_dir: Path) -> Optional[dict]:
+    """Per layer, the CLUB MI estimate (mean over modalities) against the step, and the warm-start switch."""
+    from srcid.train.metrics_log import read_events, read_metrics
+
+    if not (run_dir / "metrics.csv").is_file():
+        return None
+    series = read_metrics(run_dir)
+    layers = {}
+    for k in (1, 2):
+        parts = [key for key in series if key.startswith(f"L{k}/mi/")]
+        if parts:
+            steps = series[parts[0]][0]
+            if all(len(series[p][0]) == len(steps) and (series[p][0] == steps).all() for p in parts):
+                values = sum(series[p][1] for p in parts) / len(parts)
+                layers[f"L{k}"] = {"steps": steps.tolist(),
+                                   "mi": [float(v) if math.isfinite(v) else None for v in values.tolist()],
+                                   "modalities": [p.rsplit("/", 1)[1] for p in parts]}
+    switch = next((e for e in read_events(run_dir) if e["name"] == "warm_start_switch"), None)
+    threshold = None
+    try:
+        config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
+        if config["warm_start"]["mode"] == "mi":
+            threshold = float(config["warm_start"]["mi_threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        threshold = None
+    return {"run_dir": str(run_dir), "layers": layers, "threshold": threshold,
+            "switch": None if switch is None else {"step": switch["step"], "info": switch.get("info", {})}}
+
+
+def _cell_summary(result: CellResults) -> dict:
+    cell, record = result.cell, result.record
+    return {
+        "label": cell.label,
+        "variant": cell.variant,
+        "overrides": list(cell.overrides),
+        "codebook_size": cell.codebook_size,
+        "club": cell.club,
+        "status": result.status,
+        "unavailable": cell.unavailable,
+        "run_dir": str(result.files.run),
+        "train": record.get("train"),
+        "commands": record.get("commands", {}),
+        "seconds": record.get("seconds", {}),
+        "failure": record.get("failure"),
+        "evaluations": {
+            layers: {"path": str(result.files.eval_json(layers)), "method": data["method"], "model": data.get("model"),
+                     "results": data["results"], "tables": data["tables"]}
+            for layers, data in result.evals.items()
+        },
+    }
+
+
+def _format_avg(avg: Optional[dict]) -> str:
+    from srcid.eval.tables import format_cell
+
+    return format_cell(avg)
+
+
+def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict]) -> str:
+    from srcid.eval.tables import to_markdown
+
+    finished = sum(c.status == "finished" for c in cells.values())
+    plan = settings.plan
+    lines = [
+        f"# SRCID study (preset {settings.preset})",
+        "",
+        f"Command: `{settings.command}`",
+        "",
+        f"Data: `{settings.data}`. Training: {plan.epochs} epochs"
+        + (f", at most {settings.steps_limit} steps" if settings.steps_limit else "")
+        + f", {plan.global_batch} clips per step over {settings.processes} process(es). "
+        f"Heads: {plan.epochs_cls} epochs (classification), {plan.epochs_loc} (localization), "
+        f"seeds {', '.join(map(str, settings.seed_list()))}. Cells finished: {finished} of {len(cells)}.",
+        "",
+        "## Table I",
+        "",
+        to_markdown(tables["table1"]),
+        "## Table II",
+        "",
+        to_markdown(tables["table2"]),
+        "## Table III",
+        "",
+        to_markdown(tables["table3"]),
+        "## Cross-modal average per method",
+        "",
+        f"![cross-modal average]({PLOT_FILES['cross_modal_average']})",
+        "",
+        "| method | Avg. |",
+        "|---|:-:|",
+        *[f"| {m['method']} | {_format_avg(m['avg'])} |" for m in method_averages(tables)],
+        "",
+        "## Fig. 3 (left): codebook size",
+        "",
+        to_markdown(fig3["codebook_size"]["table"]),
+        f"![codebook size]({PLOT_FILES['codebook_size']})",
+        "",
+        "## Fig. 3 (right): CLUB ablation",
+        "",
+        to_markdown(fig3["club"]["table"]),
+    ]
+    for bar in fig3["club"]["bars"]:
+        if bar["unavailable"]:
+            lines.append(f"{bar['setting']} ({bar['cell']}): not trained: {bar['unavailable']}.")
+            lines.append("")
+    lines += [f"![CLUB ablation]({PLOT_FILES['club']})", "", "## Training curves: CLUB MI per layer", ""]
+    if curves is None:
+        lines.append(f"No metrics yet from the `{MI_CELL}` cell.")
+    else:
+        switch = curves["switch"]
+        lines.append(f"From `{curves['run_dir']}/metrics.csv` (mean over modalities). "
+                     + ("Layer 2 did not switch on." if switch is None else
+                        f"Layer 2 switched on at step {switch['step']}: {switch['info'].get('reason', '')}."))
+    lines += ["", f"![MI curves]({PLOT_FILES['mi_curves']})", "", "## Cells", "",
+              "| cell | what | status | run directory | seconds (train, eval) |", "|---|---|---|---|---|"]
+    for result in cells.values():
+        seconds = result.record.get("seconds", {})
+        train = seconds.get("train")
+        evals = sum(v for k, v in seconds.items() if k.startswith("eval"))
+        timing = "-" if train is None else f"{train:.0f}, {evals:.0f}"
+        status = result.status
+        if status == "failed":
+            status += f": {result.record['failure']['error']}"
+        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | `{result.files.run}` | {timing} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(settings: Settings, grid: list, failed: list) -> dict:
+    """Write ``tables.md``, ``results.json`` and the plots into the study folder; returns the JSON data."""
+    from srcid import __version__
+    from srcid.study import plots
+
+    seeds = settings.seed_list()
+    cells = collect(grid, settings)
+    tables = build_tables(cells, seeds)
+    fig3 = figure3(cells, seeds)
+    averages = method_averages(tables)
+    curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
+    out = settings.out
+    plots.method_averages(averages, out / PLOT_FILES["cross_modal_average"])
+    plots.codebook_curve(fig3["codebook_size"]["points"], out / PLOT_FILES["codebook_size"])
+    plots.club_bars(fig3["club"]["bars"], out / PLOT_FILES["club"])
+    plots.mi_curves(curves, out / PLOT_FILES["mi_curves"])
+    plan = settings.plan
+    data = {
+        "srcid_version": __version__,
+        "command": settings.command,
+        "preset": settings.preset,
+        "data": str(settings.data),
+        "out": str(out),
+        "seeds": seeds,
+        "training": {"epochs": plan.epochs, "max_steps": settings.steps_limit, "global_batch": plan.global_batch,
+                     "processes": settings.processes, "log_every": plan.log_every, "kernels": settings.kernels},
+        "evaluation": {"task": "all", "protocol": "default", "epochs_cls": plan.epochs_cls,
+                       "epochs_loc": plan.epochs_loc},
+        "failed": list(failed),
+        "cells": {name: _cell_summary(result) for name, result in cells.items()},
+        "tables": tables,
+        "cross_modal_average": averages,
+        "figure3": fig3,
+        "mi_curves": curves,
+        "files": {"tables": TABLES_FILE, **PLOT_FILES},
+    }
+    _write_text(out / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    _write_text(out / TABLES_FILE, _markdown(settings, cells, tables, fig3, curves))
+    return data
