@@ -11,6 +11,7 @@ PACKAGES = [
     "srcid.model",
     "srcid.train",
     "srcid.eval",
+    "srcid.study",
     "srcid.kernels",
 ]
 

@@ -66,14 +66,21 @@ def method_averages(rows: list, path: Path) -> Path:
     return _save(figure, path)
 
 
-def codebook_curve(points: list, path: Path) -> Path:
-    """Line: SRCID's cross-modal average against the codebook size (``points``: ``{"size", "avg"}``)."""
+def codebook_curve(points: list, path: Path, default_size: Optional[int] = None) -> Path:
+    """Line: SRCID's cross-modal average against the codebook size (``points``: ``{"size", "avg"}``).
+
+    ``default_size`` (the size of Tables I-III) is marked by a dashed line.
+    """
     figure, axes = _figure()
     present = [p for p in points if p["avg"] is not None]
     if present:
         sizes = [p["size"] for p in present]
         axes.errorbar(sizes, [p["avg"]["mean"] for p in present], yerr=[_std(p["avg"]) for p in present],
-                      marker="o", capsize=4, color="C1")
+                      marker="o", capsize=4, color="C1", label="SRCID")
+        if default_size is not None:
+            axes.axvline(default_size, color="grey", linestyle="--", linewidth=0.8,
+                         label=f"size of Tables I-III ({default_size})")
+            axes.legend(fontsize=7)
         axes.set_xticks(sizes, [str(s) for s in sizes])
         axes.set_xlabel("codebook size")
         axes.set_ylabel(AVG_LABEL)
@@ -92,6 +99,9 @@ def club_bars(bars: list, path: Path) -> Path:
         _bars(axes, [b["setting"] for b in present], [b["avg"] for b in present])
     else:
         _nothing(axes, "the CLUB ablation")
+    missing = [b["setting"] for b in bars if b["avg"] is None]
+    if missing:
+        figure.text(0.01, 0.01, f"no results: {', '.join(missing)}", fontsize=7, color="grey")
     axes.set_title("Fig. 3: CLUB ablation", fontsize=10)
     return _save(figure, path)
 

@@ -265,7 +265,8 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         status = result.status
         if status == "failed":
             status += f": {result.record['failure']['error']}"
-        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | `{result.files.run}` | {timing} |")
+        run = "-" if result.cell.unavailable else f"`{result.files.run}`"
+        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | {run} | {timing} |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +289,8 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
     curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
     out = settings.out
     plots.method_averages(averages, out / PLOT_FILES["cross_modal_average"])
-    plots.codebook_curve(fig3["codebook_size"]["points"], out / PLOT_FILES["codebook_size"])
+    default_size = cells["srcid"].cell.codebook_size if "srcid" in cells else None
+    plots.codebook_curve(fig3["codebook_size"]["points"], out / PLOT_FILES["codebook_size"], default_size)
     plots.club_bars(fig3["club"]["bars"], out / PLOT_FILES["club"])
     plots.mi_curves(curves, out / PLOT_FILES["mi_curves"])
     plan = settings.plan

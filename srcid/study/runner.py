@@ -334,6 +334,10 @@ def _checkpoint_to_resume(run_dir: Path) -> bool:
 # --------------------------------------------------------------------------- running
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @dataclasses.dataclass
 class Outcome:
     """What happened to one cell in this invocation."""
@@ -389,8 +393,12 @@ def run_logged(command: list, log: Path, env: dict, *, append: bool = False, ste
                     if not bar.disable:
                         bar.update(max(0, _last_logged_step(metrics_csv) - bar.n))
         except BaseException:
-            process.kill()
-            process.wait()
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             raise
         finally:
             bar.close()
@@ -411,7 +419,7 @@ class Runner:
         steps = settings.train_steps()
         statuses = {cell.name: cell_status(cell, settings) for cell in cells}
         earlier = sum(s == "finished" for s in statuses.values())
-        self.say(f"study ({settings.preset}): {len(cells)} cells, {earlier} finished earlier, "
+        self.say(f"study ({settings.preset}): {_count(len(cells), 'cell')}, {earlier} finished earlier, "
                  f"{steps} training steps per cell, results in {settings.out}")
         outcomes = []
         for index, cell in enumerate(cells, start=1):
@@ -430,7 +438,7 @@ class Runner:
             if outcome.status == "failed":
                 self.say(f"{prefix}: FAILED: {outcome.error}")
             else:
-                self.say(f"{prefix}: done in {outcome.seconds:.1f} s ({done} of {len(cells)} cells finished)")
+                self.say(f"{prefix}: done in {outcome.seconds:.1f} s ({done} of {_count(len(cells), 'cell')} finished)")
         return outcomes
 
     def run_cell(self, cell: Cell, prefix: str, steps: int) -> Outcome:
