@@ -120,3 +120,18 @@ def test_engine_forward_hook_and_half_precision_model():
     assert math.isfinite(float(terms["loss"]))
     for q in model.quantizers():
         assert q.book.codebook.dtype == torch.float32 and q.book.embed_sum.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_per_layer_mi_weight_switches_club_off_in_one_layer(layer):
+    model, fitter, _ = setup(overrides=[f"weights.mi_layer{layer}=0"])
+    _, terms = compute_loss(model, fitter, random_batch(), layer2_weight=1.0)
+    other = 3 - layer
+
+    def without_mi(k):
+        return sum(float(terms[f"L{k}/{name}"]) for name in ("recon/audio", "recon/video", "recon/text", "commit", "cpc", "cmcm"))
+
+    assert math.isclose(float(terms[f"L{layer}/loss"]), without_mi(layer), rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(float(terms[f"L{other}/loss"]), without_mi(other) + float(terms[f"L{other}/mi"]),
+                        rel_tol=1e-5, abs_tol=1e-5)
+    assert float(terms[f"L{layer}/mi"]) != 0.0  # still estimated and logged

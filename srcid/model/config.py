@@ -72,6 +72,8 @@ class LossWeights:
     cpc: float = 1.0
     cmcm: float = 1.0
     mi: float = 1.0
+    mi_layer1: float = 1.0  # per-layer factors on top of ``mi`` (0 switches CLUB off in that layer: Fig. 3's ablation)
+    mi_layer2: float = 1.0
 
 
 @dataclass
@@ -117,7 +119,7 @@ class ModelConfig:
         need(0.0 < q.mmema_own <= 1.0, "quantizer.mmema_own", "must lie in (0, 1]")
         for key in ("quantizer.beta", "quantizer.commit_own", "quantizer.commit_cross", "quantizer.dead_code_noise",
                     "cpc.cross_weight", "cpc.self_weight", "club.lr", "weights.recon", "weights.commit", "weights.cpc",
-                    "weights.cmcm", "weights.mi"):
+                    "weights.cmcm", "weights.mi", "weights.mi_layer1", "weights.mi_layer2"):
             need(_get(self, key) >= 0.0, key, "must be >= 0")
         need(len(q.fsq_levels) >= 1 and all(isinstance(v, int) and v >= 2 for v in q.fsq_levels),
              "quantizer.fsq_levels", "must be a non-empty list of integers >= 2")

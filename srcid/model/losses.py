@@ -59,7 +59,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
         terms[f"{prefix}/mi/{m}"] = mi
         mi_total = mi_total + mi
     terms[f"{prefix}/mi"] = mi_total
-    total = total + w.mi * mi_total
+    total = total + w.mi * getattr(w, f"mi_layer{layer_index}") * mi_total
     for m in layer.modalities:
         terms[f"{prefix}/perplexity/{m}"] = out.perplexity[m]
     terms[f"{prefix}/codes_used"] = out.codes_used

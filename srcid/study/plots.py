@@ -100,9 +100,8 @@ def club_bars(bars: list, path: Path) -> Path:
     else:
         _nothing(axes, "the CLUB ablation")
     missing = [b["setting"] for b in bars if b["avg"] is None]
-    if missing:
-        figure.text(0.01, 0.01, f"no results: {', '.join(missing)}", fontsize=7, color="grey")
-    axes.set_title("Fig. 3: CLUB ablation", fontsize=10)
+    note = f"\n(no results: {', '.join(missing)})" if missing and present else ""
+    axes.set_title(f"Fig. 3: CLUB ablation{note}", fontsize=10)
     return _save(figure, path)
 
 

@@ -264,7 +264,7 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         timing = "-" if train is None else f"{train:.0f}, {evals:.0f}"
         status = result.status
         if status == "failed":
-            status += f": {result.record['failure']['error']}"
+            status += ": " + result.record["failure"]["error"].replace("|", "\\|")
         run = "-" if result.cell.unavailable else f"`{result.files.run}`"
         lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | {run} | {timing} |")
     return "\n".join(lines) + "\n"
