@@ -145,8 +145,15 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(data, tmp_path):
             # InfoNCE is invariant to a bias added to every score of a row: its true gradient is zero, and
             # Adam turns the float rounding noise in it into full-size steps. Nothing to compare.
             continue
-        diff = (b[key].double() - a[key].double()).abs()
-        if not bool((diff <= 2e-5 + 2e-4 * a[key].double().abs()).all()):
+        left, right = a[key].double(), b[key].double()
+        if key.endswith("self_attn.in_proj_bias"):
+            # The key bias shifts every attention score of a query equally: zero true gradient too.
+            third = left.shape[0] // 3
+            keep = torch.ones_like(left, dtype=torch.bool)
+            keep[third:2 * third] = False
+            left, right = left[keep], right[keep]
+        diff = (right - left).abs()
+        if not bool((diff <= 2e-5 + 2e-4 * left.abs()).all()):
             bad[key] = float(diff.max())
     assert not bad, bad
 
@@ -187,3 +194,13 @@ def test_zero_stage_2_with_gradient_accumulation_keeps_replicas_identical(data, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checks = [e for e in events(out) if e["name"] == "replica_check"]
     assert checks and checks[-1]["info"]["identical"] is True and checks[-1]["step"] == 8
+
+
+def test_resume_refuses_a_different_model_and_accumulation_needs_aligned_checkpoints(full_run, tmp_path, capsys, data):
+    code = train_main(["--data", str(data), "--out", str(full_run), "--resume", "--model", "dcid"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "--model" in err[0] and "srcid" in err[0]
+    code = train_main(["--data", str(data), "--out", str(tmp_path / "r"), "--set", "gradient_accumulation=4",
+                       "--set", "checkpoint_every=6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "checkpoint_every" in err[0] and "gradient_accumulation" in err[0]

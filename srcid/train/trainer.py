@@ -73,6 +73,10 @@ class RunConfig:
                 raise SrcidError(f"config key {name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SrcidError(f"config key max_steps: must be >= 1, got {self.max_steps}")
+        # Checkpoints fall on accumulation boundaries, so no accumulated gradient is ever lost on resume.
+        if self.checkpoint_every % self.gradient_accumulation:
+            raise SrcidError(f"config key checkpoint_every={self.checkpoint_every}: must be a multiple of "
+                             f"gradient_accumulation={self.gradient_accumulation}")
         if self.zero_stage not in (0, 1, 2):
             raise SrcidError(f"config key zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
         if self.num_workers < 0:
@@ -105,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launcher/train.py",
         description="Train SRCID or a DCID baseline (one process, or many through the deepspeed launcher).",
     )
-    parser.add_argument("--model", choices=VARIANTS, default="srcid", help="method variant")
-    parser.add_argument("--preset", choices=PRESETS, default="small", help="model sizes (tiny, small: CPU; paper: GPU)")
+    parser.add_argument("--model", choices=VARIANTS, default=None, help="method variant (default srcid)")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="model sizes (tiny, small: CPU; paper: GPU; default small)")
     parser.add_argument("--data", type=Path, required=True, help="pretraining dataset folder (with dataset.json)")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, exported model)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (micro-batches; a multiple of gradient_accumulation)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the training split (default 6)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     parser.add_argument("--kernels", choices=("auto", "fused", "reference"), default=None,
@@ -131,6 +136,9 @@ def resolve_config(args) -> RunConfig:
         if not config_path.is_file():
             raise SrcidError(f"--resume: {config_path} not found: {args.out} is not a run directory")
         config = load_run_config(config_path)
+        for flag, given, saved in (("--model", args.model, config.variant), ("--preset", args.preset, config.preset)):
+            if given is not None and given != saved:
+                raise SrcidError(f"--resume: {args.out} is a {flag} {saved} run; {flag} {given} would change it")
         # The same command line may be repeated with --resume; it may not change the run.
         import copy
 
@@ -143,7 +151,7 @@ def resolve_config(args) -> RunConfig:
         if args.epochs is not None:
             config.epochs = args.epochs
         return config.validate()
-    config = default_run_config(args.model, args.preset)
+    config = default_run_config(args.model or "srcid", args.preset or "small")
     if args.max_steps is not None:
         config.max_steps = args.max_steps
     if args.epochs is not None:
@@ -198,9 +206,13 @@ class Trainer:
         ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.lr
         ds_config["gradient_clipping"] = config.grad_clip
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-        )
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            )
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise SrcidError(f"{ds_config_path}: DeepSpeed rejected the config: {message}") from None
         self.model = self.engine.module
         self.gather = dist_helpers.BatchGather()
         if self.world_size > 1:
@@ -263,6 +275,9 @@ class Trainer:
         if latest is None:
             raise SrcidError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
         state = read_json(latest / TRAIN_STATE_FILE)
+        missing = sorted({"step", "epoch", "step_in_epoch", "world_size", "warm_start"} - set(state))
+        if missing:
+            raise SrcidError(f"{latest / TRAIN_STATE_FILE}: missing key(s) {', '.join(missing)}")
         if state["world_size"] != self.world_size:
             raise SrcidError(
                 f"--resume: {latest} was written by {state['world_size']} processes, this run has {self.world_size}; "
@@ -335,6 +350,11 @@ class Trainer:
         total = steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total = min(total, config.max_steps)
+        # Every micro-batch's gradient is applied: the run ends on an accumulation boundary.
+        total -= total % config.gradient_accumulation
+        if total == 0:
+            raise SrcidError(f"the run has fewer steps than gradient_accumulation={config.gradient_accumulation} "
+                             f"({steps_per_epoch} steps per epoch, epochs={config.epochs}, max_steps={config.max_steps})")
         bar = tqdm(total=total, initial=min(self.step, total), disable=not self.progress, desc="train", unit="step",
                    dynamic_ncols=True)
         self.engine.train()
@@ -383,7 +403,7 @@ class Trainer:
         One small collective; the result is logged as the ``replica_check`` event. A mismatch is an error.
         """
         digest = state_digest(self.model.state_dict())
-        table = torch.zeros(self.world_size, dtype=torch.int64)
+        table = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
         table[self.rank] = digest
         self.dist.all_reduce_sum_(table)
         digests = table.tolist()
