@@ -361,7 +361,7 @@ class Trainer:
         window_clips, window_start = 0, time.perf_counter()
         finished = self.step >= total
         while not finished and self.epoch < config.epochs:
-            if self.warm is not None:
+            if self.warm is not None and self.step_in_epoch == 0:  # a resumed epoch has had its start already
                 was_on = self.warm.switched
                 self.warm.start_epoch(self.step, self.epoch)
                 self._report_switch(was_on)
