@@ -123,15 +123,26 @@ def test_engine_forward_hook_and_half_precision_model():
 
 
 @pytest.mark.parametrize("layer", [1, 2])
-def test_per_layer_mi_weight_switches_club_off_in_one_layer(layer):
-    model, fitter, _ = setup(overrides=[f"weights.mi_layer{layer}=0"])
+@pytest.mark.parametrize("average", [True, False])
+def test_per_layer_mi_weight_and_layer_averaging(layer, average):
+    model, fitter, _ = setup(overrides=[f"weights.mi_layer{layer}=0", f"weights.average_layers={average}"])
     _, terms = compute_loss(model, fitter, random_batch(), layer2_weight=1.0)
     other = 3 - layer
+    scale = 0.5 if average else 1.0  # paper Eq. 6-7: CLUB and CPC averaged over the K = 2 layers
 
     def without_mi(k):
-        return sum(float(terms[f"L{k}/{name}"]) for name in ("recon/audio", "recon/video", "recon/text", "commit", "cpc", "cmcm"))
+        fixed = sum(float(terms[f"L{k}/{name}"]) for name in ("recon/audio", "recon/video", "recon/text", "commit", "cmcm"))
+        return fixed + scale * float(terms[f"L{k}/cpc"])
 
     assert math.isclose(float(terms[f"L{layer}/loss"]), without_mi(layer), rel_tol=1e-5, abs_tol=1e-5)
-    assert math.isclose(float(terms[f"L{other}/loss"]), without_mi(other) + float(terms[f"L{other}/mi"]),
+    assert math.isclose(float(terms[f"L{other}/loss"]), without_mi(other) + scale * float(terms[f"L{other}/mi"]),
                         rel_tol=1e-5, abs_tol=1e-5)
     assert float(terms[f"L{layer}/mi"]) != 0.0  # still estimated and logged
+
+
+def test_one_layer_objective_is_not_halved():
+    model, fitter, _ = setup()
+    _, terms = compute_loss(model, fitter, random_batch(), layer2_weight=0.0)
+    expected = sum(float(terms[f"L1/{name}"]) for name in
+                   ("recon/audio", "recon/video", "recon/text", "commit", "cmcm", "cpc", "mi"))
+    assert math.isclose(float(terms["L1/loss"]), expected, rel_tol=1e-5, abs_tol=1e-5)

@@ -74,6 +74,8 @@ class LossWeights:
     mi: float = 1.0
     mi_layer1: float = 1.0  # per-layer factors on top of ``mi`` (0 switches CLUB off in that layer: Fig. 3's ablation)
     mi_layer2: float = 1.0
+    # Paper Eq. 6 and 7 average the CLUB and CPC terms over the K layers (1/K); the two-layer code sums them.
+    average_layers: bool = True
 
 
 @dataclass

@@ -30,8 +30,11 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask
     return (sq * weight).sum() / (count * per_step).clamp_min(1.0)
 
 
-def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
-    """``(loss, terms)`` of one layer (1-based ``layer_index``); terms are detached scalars."""
+def layer_loss(model, out, layer_index: int, mi_estimator, step: int, layer_scale: float = 1.0) -> tuple:
+    """``(loss, terms)`` of one layer (1-based ``layer_index``); terms are detached scalars.
+
+    ``layer_scale`` multiplies the CPC and MI contributions (the paper's 1/K of Eq. 6 and 7).
+    """
     config = model.config
     w = config.weights
     layer = model.layers[layer_index - 1]
@@ -45,7 +48,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
     commit = torch.stack(list(out.commitment.values())).sum()
     terms[f"{prefix}/commit"] = commit
     terms[f"{prefix}/cpc"] = out.cpc
-    total = total + w.commit * commit + w.cpc * out.cpc
+    total = total + w.commit * commit + layer_scale * w.cpc * out.cpc
     if layer.quantizer.uses_cmcm and out.codebook is not None:
         cmcm = cmcm_loss({m: model.gather(z) for m, z in out.general.items()}, out.codebook)
         terms[f"{prefix}/cmcm"] = cmcm
@@ -59,7 +62,7 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int) -> tuple:
         terms[f"{prefix}/mi/{m}"] = mi
         mi_total = mi_total + mi
     terms[f"{prefix}/mi"] = mi_total
-    total = total + w.mi * getattr(w, f"mi_layer{layer_index}") * mi_total
+    total = total + layer_scale * w.mi * getattr(w, f"mi_layer{layer_index}") * mi_total
     for m in layer.modalities:
         terms[f"{prefix}/perplexity/{m}"] = out.perplexity[m]
     terms[f"{prefix}/codes_used"] = out.codes_used
@@ -72,11 +75,16 @@ def model_loss(model, output, mi_estimator, *, layer2_weight: float) -> tuple:
 
     With ``layer2_weight == 0`` layer 2's terms are still reported (computed
     without gradient) but left out of the total, as in the authors' code.
+    With ``weights.average_layers`` (the paper's Eq. 6 and 7) the CPC and MI
+    terms are averaged over the layers in the objective (1/K, K = 2 once
+    layer 2 is on); otherwise summed (the authors' code).
     """
-    total, terms = layer_loss(model, output.layers[0], 1, mi_estimator, output.step)
+    both_on = len(output.layers) > 1 and layer2_weight != 0.0
+    scale = 0.5 if both_on and model.config.weights.average_layers else 1.0
+    total, terms = layer_loss(model, output.layers[0], 1, mi_estimator, output.step, scale)
     if len(output.layers) > 1:
         if layer2_weight != 0.0:
-            second, more = layer_loss(model, output.layers[1], 2, mi_estimator, output.step)
+            second, more = layer_loss(model, output.layers[1], 2, mi_estimator, output.step, scale)
             total = total + layer2_weight * second
         else:
             with torch.no_grad():
