@@ -22,19 +22,11 @@ from srcid.train.step import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}  # the synthetic tiny preset's
-RUN_CLI = ("import sys, srcid.cli as c\n"
-           "c.COMMAND_MODULES += [] if 'srcid.eval.commands' in c.COMMAND_MODULES else ['srcid.eval.commands']\n"
-           "sys.exit(c.main())")
+RUN_CLI = "import sys, srcid.cli as c\nsys.exit(c.main())"
 TRAIN_STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from several threads; one keeps the tests quick on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +58,8 @@ def run_dir(synth_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """``srcid ...`` in this process, with the eval commands registered."""
-    if "srcid.eval.commands" not in srcid.cli.COMMAND_MODULES:
-        monkeypatch.setattr(srcid.cli, "COMMAND_MODULES", srcid.cli.COMMAND_MODULES + ["srcid.eval.commands"])
+def cli():
+    """``srcid ...`` in this process."""
     return lambda *argv: srcid.cli.main([str(a) for a in argv])
 
 

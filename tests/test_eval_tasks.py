@@ -16,13 +16,7 @@ from srcid.model import build_model, model_config
 SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from several threads; one keeps the tests quick on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

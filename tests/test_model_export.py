@@ -16,13 +16,7 @@ from srcid.train.step import build_optimizer, train_step
 SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from several threads; one keeps the tests quick on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(variant="srcid", seed=0):
