@@ -105,3 +105,18 @@ def edit_meta(path, key, change):
 
 def first_key(path) -> str:
     return read_tar(path)[0][0].split(".", 1)[0]
+
+
+def read_split(folder, split) -> dict:
+    """``{key: {member: value}}`` of one split, read with tarfile + np.load (independent of the reader)."""
+    folder = Path(folder)
+    info = json.loads((folder / "dataset.json").read_text())["splits"][split]
+    records = {}
+    for i in range(info["shards"]):
+        with tarfile.open(folder / f"{split}-{i:06d}.tar") as tar:
+            for member in tar.getmembers():
+                key, _, name = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                records.setdefault(key, {})[name] = json.loads(data) if name == "meta.json" else np.load(io.BytesIO(data))
+    assert len(records) == info["samples"]
+    return records

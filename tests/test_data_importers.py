@@ -11,7 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers_data import read_split
 from srcid.data import importers
 from srcid.data.importers import AVE_CLASSES, AVVP_CLASSES, T, run_importer
 from srcid.data.safe_pickle import load_pickled_array
@@ -34,17 +34,7 @@ def read_dataset(folder):
     """``{split: {key: {member: value}}}`` and the manifest, read with tarfile + np.load."""
     folder = Path(folder)
     manifest = json.loads((folder / "dataset.json").read_text())
-    splits = {}
-    for split, info in manifest["splits"].items():
-        records = splits.setdefault(split, {})
-        for i in range(info["shards"]):
-            with tarfile.open(folder / f"{split}-{i:06d}.tar") as tar:
-                for member in tar.getmembers():
-                    key, _, name = member.name.partition(".")
-                    data = tar.extractfile(member).read()
-                    records.setdefault(key, {})[name] = json.loads(data) if name == "meta.json" else np.load(io.BytesIO(data))
-        assert len(records) == info["samples"]
-    return manifest, splits
+    return manifest, {split: read_split(folder, split) for split in manifest["splits"]}
 
 
 def write_zip(path, array, member="feature.pkl", protocol=4):

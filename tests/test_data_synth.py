@@ -1,15 +1,13 @@
 """The synthetic default datasets: layout, shapes, labels, determinism and what a linear probe sees."""
 import dataclasses
-import io
-import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers_data import read_split
 from srcid.data import synth
 from srcid.data.manifest import load_manifest
 from srcid.errors import SrcidError
@@ -18,19 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = synth.PRESETS["tiny"]
 
 
-def read_split(folder, split):
-    """``{key: {member: value}}`` of one split, read with tarfile + np.load."""
-    folder = Path(folder)
-    info = json.loads((folder / "dataset.json").read_text())["splits"][split]
-    records = {}
-    for i in range(info["shards"]):
-        with tarfile.open(folder / f"{split}-{i:06d}.tar") as tar:
-            for member in tar.getmembers():
-                key, _, name = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                records.setdefault(key, {})[name] = json.loads(data) if name == "meta.json" else np.load(io.BytesIO(data))
-    assert len(records) == info["samples"]
-    return records
 
 
 @pytest.fixture(scope="module")
