@@ -1,6 +1,8 @@
-"""``srcid eval`` (every downstream task of the paper) and ``srcid encode`` (a dataset's codes as shards)."""
+"""``srcid eval`` (every downstream task of the paper), ``srcid encode`` (a dataset's codes as shards) and
+``srcid inspect`` (a collapse check of a model's representations)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -118,8 +120,48 @@ def _encode(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from srcid.data.manifest import load_manifest
+    from srcid.data.reader import ShardLoader
+    from srcid.eval.features import check_model_input, open_model
+    from srcid.eval.representations import representation_stats, to_markdown
+
+    _positive("--clips", args.clips)
+    _positive("--batch-size", args.batch_size)
+    if not args.live_std > 0:
+        raise SrcidError(f"--live-std {args.live_std}: must be positive")
+    model, info, weights = open_model(args.run, args.device)
+    device = next(model.parameters()).device
+    manifest = load_manifest(args.data)
+    manifest.shard_paths(args.split)  # names the splits when there is no such split
+    for m in model.input_shapes:
+        check_model_input(model, manifest, m, "srcid inspect")
+    clips = min(args.clips, manifest.splits[args.split].samples)
+    loader = ShardLoader(args.data, args.split, batch_size=min(args.batch_size, clips), shuffle=False,
+                         modalities=tuple(model.input_shapes), tail="drop")
+    steps = max(1, clips // loader.batch_size)
+    batches = (batch.to(device) for _, batch in zip(range(steps), loader.epoch(0)))
+    stats = representation_stats(model, batches, live_std=args.live_std)
+    step = info["extra"].get("step")
+    read = steps * loader.batch_size
+    print(f"srcid inspect: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
+          f"{read} clips of {args.data} split {args.split}\n")
+    print(to_markdown(stats, args.live_std))
+    collapsed = [f"layer {s.layer} {s.modality}" for s in stats if s.collapsed]
+    if collapsed:
+        print(f"\ncollapsed specific outputs (no dimension varies by more than {args.live_std:g}): {', '.join(collapsed)}")
+    if args.json is not None:
+        _write_json(args.json, {
+            "command": "inspect", "model": {"path": str(weights), "variant": model.variant, "step": step},
+            "data": str(args.data), "split": args.split, "clips": read, "live_std": args.live_std,
+            "stats": [dict(dataclasses.asdict(s), collapsed=s.collapsed) for s in stats],
+        })
+        print(f"wrote {args.json}")
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``eval`` and ``encode`` to the ``srcid`` command line."""
+    """Add ``eval``, ``encode`` and ``inspect`` to the ``srcid`` command line."""
     from srcid.eval.tasks import PROTOCOLS, TASKS
 
     p = sub.add_parser(
@@ -157,3 +199,23 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="clips per encoding batch")
     add_kernels_flag(p)
     p.set_defaults(func=_encode)
+
+    from srcid.eval.representations import LIVE_STD
+
+    p = sub.add_parser(
+        "inspect", help="a collapse check: code usage, specific-output spread and reconstruction per layer and modality",
+        description="Run a frozen model over clips of a dataset and report, per layer and modality, the codes used, "
+                    "how much the specific output varies (a collapsed one carries nothing and gives layer 2 "
+                    "nothing), and the reconstruction error absolute and relative to the target's variance.",
+    )
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
+    p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR", help="a dataset carrying every modality of the model (e.g. the pretraining set)")
+    p.add_argument("--split", default="train", help="split to read (default: train)")
+    p.add_argument("--clips", type=int, default=800, metavar="N", help="clips to read, in shard order (default: 800)")
+    p.add_argument("--batch-size", type=int, default=200, metavar="N", help="clips per batch")
+    p.add_argument("--live-std", type=float, default=LIVE_STD, metavar="S",
+                   help=f"a specific-output dimension is live when its std exceeds S (default {LIVE_STD:g})")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE.json", help="also write the numbers as JSON")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    add_kernels_flag(p)
+    p.set_defaults(func=_inspect)
