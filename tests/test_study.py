@@ -59,7 +59,7 @@ def row(table: dict, method: str) -> dict:
 def test_tables_markdown_has_every_table_and_figure(full):
     text = (full / "tables.md").read_text()
     for heading in ("## Table I", "## Table II", "## Table III", "## Fig. 3 (left): codebook size",
-                    "## Fig. 3 (right): CLUB ablation", "## Training curves", "## Cells"):
+                    "## Fig. 3 (right): CLUB ablation", "## Training curves", "## Collapse check", "## Cells"):
         assert heading in text
     for method in DCID_ROWS + ["| m → m |", "| DCID |", "| SRCID(only1) |", "| SRCID |"]:
         assert method in text
@@ -86,6 +86,10 @@ def test_results_json_is_complete(full):
                                             {"1"} if name.startswith("dcid") else {"1,2"})
         for evaluation in cell["evaluations"].values():
             assert set(evaluation["results"]) == {"ave", "avvp", "ave-avvp", "ucf-vgg", "retrieval"}
+        inspection = cell["inspection"]
+        layers = 1 if name.startswith("dcid") else 2
+        assert [(s["layer"], s["modality"]) for s in inspection["stats"]] == [
+            (k, m) for k in range(1, layers + 1) for m in ("audio", "video", "text")]
     tables = data["tables"]
     assert [r["method"] for r in tables["table1"]["rows"]] == [m for d in DCID_ROWS for m in (d, "m → m")]
     assert [r["method"] for r in tables["table2"]["rows"]] == ["DCID", "SRCID(only1)", "SRCID"]
@@ -127,6 +131,16 @@ def test_table_numbers_come_from_the_cells_evaluations(full):
     assert math.isclose(srcid3["cells"]["audio-text/R@5"]["mean"], retrieval["audio-text"]["mean"]["R@5"])
 
 
+def test_collapse_table_follows_the_inspect_json(full):
+    text = (full / "tables.md").read_text()
+    stats = json.loads((full / "cells" / "srcid" / "inspect.json").read_text())["stats"]
+    layer2 = {s["modality"]: s for s in stats if s["layer"] == 2}
+    live = " / ".join(f"{layer2[m]['specific_live_dims']}/{layer2[m]['specific_dim']}" for m in ("audio", "video", "text"))
+    codes = " / ".join(str(layer2[m]["distinct_codes"]) for m in ("audio", "video", "text"))
+    assert f"| srcid | 2 | {codes} | {live} |" in text
+    assert "| dcid-vq | 1 |" in text and "| dcid-vq | 2 |" not in text
+
+
 def test_mi_curves_follow_metrics_csv_and_the_switch_event(full):
     curves = results_of(full)["mi_curves"]
     run = full / "cells" / "srcid" / "run"
@@ -164,6 +178,8 @@ def test_second_invocation_skips_finished_cells(full):
     data = json.loads(damaged.read_text())
     del data["results"]["retrieval"]
     damaged.write_text(json.dumps(data))
+    # A missing collapse check is run again on its own.
+    (full / "cells" / "dcid-fsq" / "inspect.json").unlink()
     start = time.perf_counter()
     result = study("--preset", "tiny", "--out", full)
     elapsed = time.perf_counter() - start
@@ -171,8 +187,11 @@ def test_second_invocation_skips_finished_cells(full):
     lines = result.stdout.splitlines()
     skipped = [line for line in lines if line.endswith("finished earlier, skipped")]
     available = [c for c, v in results_of(full)["cells"].items() if not v["unavailable"]]
-    assert len(skipped) == len(available) - 1
+    assert len(skipped) == len(available) - 2
     assert any("dcid-rvq3: evaluating with layers 1" in line for line in lines)
+    assert any("dcid-fsq: checking for collapse" in line for line in lines)
+    assert not any("dcid-fsq: evaluating" in line for line in lines)
+    assert (full / "cells" / "dcid-fsq" / "inspect.json").is_file()
     assert not any(": training " in line or ": resuming " in line for line in lines)
     assert elapsed < 60
     assert "retrieval" in json.loads(damaged.read_text())["results"]
@@ -332,7 +351,7 @@ def test_error_line_and_incomplete_evaluations(tmp_path):
 
 
 def test_commands_for_several_processes_and_kernels(tmp_path):
-    from srcid.study.runner import Settings, eval_command, train_command
+    from srcid.study.runner import Settings, eval_command, inspect_command, train_command
 
     settings = Settings(plan=PLANS["small"], out=tmp_path, data=tmp_path / "data", seeds=2, max_steps=None,
                         processes=4, kernels="reference", command="srcid study")
@@ -350,3 +369,6 @@ def test_commands_for_several_processes_and_kernels(tmp_path):
     assert " ".join(evaluation[4:]) == (f"--run {tmp_path / 'run'} --data {tmp_path / 'data'} --task all --layers 1,2 "
                                         f"--seeds 2 --epochs-cls 30 --epochs-loc 50 --out {tmp_path / 'e.json'} "
                                         "--kernels reference")
+    check = inspect_command(settings, tmp_path / "run", tmp_path / "i.json")
+    assert " ".join(check[3:]) == (f"inspect --run {tmp_path / 'run'} --data {tmp_path / 'data' / 'pretrain'} "
+                                   f"--json {tmp_path / 'i.json'} --kernels reference")

@@ -9,6 +9,9 @@ invocations or other ``--only`` selections); a missing number is ``-``.
 * Table III: zero-shot retrieval of DCID and SRCID.
 * Fig. 3: the Table II average of SRCID against the codebook size, and with
   CLUB switched off in layer 1 or layer 2.
+* The collapse check: per cell, layer and modality, the codes used, the
+  live dimensions of the specific output and the relative reconstruction
+  error (``srcid inspect``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
-from srcid.study.runner import CellFiles, Settings, cell_evals, cell_status, read_record
+from srcid.study.runner import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
 
 TABLES_FILE = "tables.md"
 RESULTS_FILE = "results.json"
@@ -55,6 +58,7 @@ class CellResults:
     evals: dict  # layers -> evaluation JSON
     record: dict
     files: CellFiles
+    inspection: Optional[dict] = None  # the srcid inspect JSON
 
     def parts(self, layers: str) -> tuple:
         """``(cross, same, retrieval)`` of the evaluation with ``layers`` (empty when missing)."""
@@ -68,7 +72,7 @@ def collect(grid: list, settings: Settings) -> dict:
     for cell in grid:
         files = CellFiles(settings.out, cell)
         found[cell.name] = CellResults(cell, cell_status(cell, settings), cell_evals(cell, settings),
-                                       read_record(files), files)
+                                       read_record(files), files, cell_inspection(cell, settings))
     return found
 
 
@@ -192,6 +196,10 @@ def _cell_summary(result: CellResults) -> dict:
                      "results": data["results"], "tables": data["tables"]}
             for layers, data in result.evals.items()
         },
+        "inspection": None if result.inspection is None else {
+            "path": str(result.files.inspect_json), "clips": result.inspection.get("clips"),
+            "live_std": result.inspection.get("live_std"), "stats": result.inspection["stats"],
+        },
     }
 
 
@@ -199,6 +207,38 @@ def _format_avg(avg: Optional[dict]) -> str:
     from srcid.eval.tables import format_cell
 
     return format_cell(avg)
+
+
+def collapse_table(cells: dict) -> list:
+    """Markdown lines: per cell and layer, codes used, live specific dimensions and relative reconstruction error."""
+    inspected = [r for r in cells.values() if r.inspection is not None]
+    if not inspected:
+        return ["No collapse checks yet."]
+    modalities = list(dict.fromkeys(s["modality"] for r in inspected for s in r.inspection["stats"]))
+    names = " / ".join(modalities)
+    live_std = inspected[0].inspection.get("live_std")
+    lines = [f"`srcid inspect` of each cell's model on {inspected[0].inspection.get('clips')} pretraining clips: "
+             f"different codes used, dimensions of the specific output y whose std exceeds {live_std:g} "
+             "(0 = collapsed: y carries nothing, CLUB's estimate for it is 0 by construction, and layer 2 reads a "
+             "constant), and the reconstruction error relative to the target's variance.",
+             "",
+             f"| cell | layer | distinct codes ({names}) | live y dims ({names}) | recon MSE / target var ({names}) |",
+             "|---|:-:|---|---|---|"]
+
+    def joined(stats, key, form):
+        by_modality = {s["modality"]: s for s in stats}
+        return " / ".join("-" if m not in by_modality or by_modality[m][key] is None else form(by_modality[m])
+                          for m in modalities)
+
+    for result in inspected:
+        stats = result.inspection["stats"]
+        for layer in sorted({s["layer"] for s in stats}):
+            in_layer = [s for s in stats if s["layer"] == layer]
+            codes = joined(in_layer, "distinct_codes", lambda s: str(s["distinct_codes"]))
+            live = joined(in_layer, "specific_live_dims", lambda s: f"{s['specific_live_dims']}/{s['specific_dim']}")
+            recon = joined(in_layer, "recon_relative", lambda s: f"{s['recon_relative']:.2f}")
+            lines.append(f"| {result.cell.name} | {layer} | {codes} | {live} | {recon} |")
+    return lines
 
 
 def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict]) -> str:
@@ -255,12 +295,14 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         lines.append(f"From `{curves['run_dir']}/metrics.csv` (mean over modalities). "
                      + ("Layer 2 did not switch on." if switch is None else
                         f"Layer 2 switched on at step {switch['step']}: {switch['info'].get('reason', '')}."))
-    lines += ["", f"![MI curves]({PLOT_FILES['mi_curves']})", "", "## Cells", "",
-              "| cell | what | status | run directory | seconds (train, eval) |", "|---|---|---|---|---|"]
+    lines += ["", f"![MI curves]({PLOT_FILES['mi_curves']})", "", "## Collapse check", ""]
+    lines += collapse_table(cells)
+    lines += ["", "## Cells", "",
+              "| cell | what | status | run directory | seconds (train, evaluation and check) |", "|---|---|---|---|---|"]
     for result in cells.values():
         seconds = result.record.get("seconds", {})
         train = seconds.get("train")
-        evals = sum(v for k, v in seconds.items() if k.startswith("eval"))
+        evals = sum(v for k, v in seconds.items() if k.startswith(("eval", "inspect")))
         timing = "-" if train is None else f"{train:.0f}, {evals:.0f}"
         status = result.status
         if status == "failed":

@@ -7,15 +7,18 @@ Files of a cell, under ``STUDY_DIR/cells/<name>/``:
     ``events.jsonl``, ``model.safetensors``).
 ``eval-layers1.json``, ``eval-layers1-2.json``
     ``srcid eval --task all`` results with layers 1 / layers 1,2.
-``train.log``, ``eval-layers*.log``
+``inspect.json``
+    ``srcid inspect`` on the pretraining data: the collapse check (codes
+    used, spread of the specific outputs, relative reconstruction error).
+``train.log``, ``eval-layers*.log``, ``inspect.log``
     the subprocesses' output.
 ``cell.json``
     the cell's record: its training settings, whether training finished,
     the commands, times, and the last failure.
 
 A cell is finished when every evaluation JSON is present and complete (all
-tasks, the study's seeds, head epochs, data and layers) and its record says
-it was trained with the study's settings; finished cells are skipped. A
+tasks, the study's seeds, head epochs, data and layers), its collapse check
+is present, and its record says it was trained with the study's settings; finished cells are skipped. A
 training that stopped after a checkpoint is continued with ``--resume``;
 otherwise the cell trains from scratch. A failing subprocess fails its cell
 only: the next cells still run.
@@ -140,6 +143,8 @@ class CellFiles:
         self.run = self.dir / RUN_DIR
         self.record = self.dir / RECORD_FILE
         self.train_log = self.dir / "train.log"
+        self.inspect_json = self.dir / "inspect.json"
+        self.inspect_log = self.dir / "inspect.log"
 
     @staticmethod
     def tag(layers: str) -> str:
@@ -230,6 +235,15 @@ def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> l
     return command
 
 
+def inspect_command(settings: Settings, run_dir: Path, out: Path) -> list:
+    """``srcid inspect`` (the collapse check) of a cell's run on the pretraining data."""
+    command = [sys.executable, "-m", "srcid.cli", "inspect", "--run", str(run_dir), "--data",
+               str(settings.data / "pretrain"), "--json", str(out)]
+    if settings.kernels:
+        command += ["--kernels", settings.kernels]
+    return command
+
+
 def child_env(settings: Settings) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if settings.processes > 1 and "DS_ACCELERATOR" not in env:
@@ -273,6 +287,22 @@ def read_eval(path: Path, expected: dict) -> Optional[dict]:
     return data
 
 
+def read_inspection(path: Path, run_dir: Path, settings: Settings) -> Optional[dict]:
+    """The ``srcid inspect`` JSON at ``path`` if it is of ``run_dir``'s model on the study's pretraining data, else None."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("command") != "inspect" or not isinstance(data.get("stats"), list):
+        return None
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("path") != str(Path(run_dir) / MODEL_FILE):
+        return None
+    if data.get("data") != str(settings.data / "pretrain") or not data["stats"]:
+        return None
+    return data
+
+
 def trained_with(files: CellFiles, spec: dict) -> bool:
     """Whether the cell's record says its training finished with ``spec``."""
     record = read_record(files)
@@ -292,11 +322,19 @@ def cell_evals(cell: Cell, settings: Settings) -> dict:
     return found
 
 
+def cell_inspection(cell: Cell, settings: Settings) -> Optional[dict]:
+    """The cell's current collapse check (``srcid inspect`` JSON), or None."""
+    files = CellFiles(settings.out, cell)
+    if not trained_with(files, train_spec(cell, settings)):
+        return None
+    return read_inspection(files.inspect_json, files.run, settings)
+
+
 def cell_status(cell: Cell, settings: Settings) -> str:
     """``finished``, ``failed`` (last attempt), ``stale`` (trained with other settings), ``unavailable`` or ``not run``."""
     if cell.unavailable:
         return "unavailable"
-    if len(cell_evals(cell, settings)) == len(cell.layers):
+    if len(cell_evals(cell, settings)) == len(cell.layers) and cell_inspection(cell, settings) is not None:
         return "finished"
     files = CellFiles(settings.out, cell)
     record = read_record(files)
@@ -461,6 +499,7 @@ class Runner:
             resume = _checkpoint_to_resume(files.run)
             for layers in cell.layers:
                 files.eval_json(layers).unlink(missing_ok=True)
+            files.inspect_json.unlink(missing_ok=True)
             if not resume and files.run.is_dir():
                 shutil.rmtree(files.run)
             record["trained"] = False
@@ -495,5 +534,17 @@ class Runner:
             if read_eval(out, expected) is None:
                 return fail(f"evaluation (layers {layers})", code, log,
                             f"evaluation (layers {layers}) left no complete {out} (log: {log})")
+        if read_inspection(files.inspect_json, files.run, settings) is None:
+            command = inspect_command(settings, files.run, files.inspect_json)
+            record["commands"]["inspect"] = shlex.join(command)
+            write_record(files, record)
+            self.say(f"{prefix}: checking for collapse ...")
+            code, seconds = run_logged(command, files.inspect_log, self.env)
+            record["seconds"]["inspect"] = seconds
+            if code != 0:
+                return fail("collapse check", code, files.inspect_log)
+            if read_inspection(files.inspect_json, files.run, settings) is None:
+                return fail("collapse check", code, files.inspect_log,
+                            f"the collapse check left no complete {files.inspect_json} (log: {files.inspect_log})")
         write_record(files, record)
         return Outcome(cell.name, "finished", time.perf_counter() - started)
