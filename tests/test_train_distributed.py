@@ -136,7 +136,8 @@ def worker_collectives(out_dir):
             D.stop_if_any_rank_failed(error)
         except SrcidError as exc:
             print(f"error at step {step}: {exc}", file=sys.stderr, flush=True)
-            D.shutdown(synchronize=False)
+            print(f"shutdown synchronized: {D.raised_on_every_rank(exc)}", file=sys.stderr, flush=True)
+            D.shutdown(synchronize=D.raised_on_every_rank(exc))
             sys.exit(exc.exit_code)
     D.shutdown()
 
@@ -286,10 +287,13 @@ def test_collectives_deepspeed_zero_stages_checkpoint_and_fault_flag(tmp_path):
                 "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     # the data error on rank 1 stops both ranks at the same step, each with one line
     (code0, err0), (code1, err1) = results
-    assert code1 == 1 and error_lines(err1) == [
+    assert (code0, code1) == (2, 1), f"exit statuses {code0}, {code1}; rank 0:\n{err0[-2000:]}\nrank 1:\n{err1[-2000:]}"
+    assert error_lines(err1) == [
         "error at step 1: shard train-000001.tar, key clip42: feature array has shape (9, 128), expected (10, 128)"]
-    assert code0 == 2 and error_lines(err0) == [
+    assert error_lines(err0) == [
         "error at step 1: rank 0: stopping because rank(s) 1 failed (see their error)"]
+    # every rank stopped at the same step, so each waits for the others before tearing the group down
+    assert "shutdown synchronized: True" in err0 and "shutdown synchronized: True" in err1
 
 
 def test_timeout_stops_a_rank_whose_peer_does_not_answer(tmp_path):

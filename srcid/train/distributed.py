@@ -242,11 +242,21 @@ def stop_if_any_rank_failed(error: BaseException | None, batch_size: int = 0) ->
     """
     failed, sizes = exchange_step_status(error is not None, batch_size)
     if error is not None:
+        error.on_every_rank = True
         raise error
     if failed:
         names = ", ".join(str(r) for r in failed)
-        raise SrcidError(f"rank {get_rank()}: stopping because rank(s) {names} failed (see their error)")
+        stop = SrcidError(f"rank {get_rank()}: stopping because rank(s) {names} failed (see their error)")
+        stop.on_every_rank = True
+        raise stop
     return sizes
+
+
+def raised_on_every_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` came from :func:`stop_if_any_rank_failed`: then every rank stopped at the same
+    step and is alive, so the shutdown can wait for all of them (``shutdown(synchronize=True)``), which
+    tears the process group down without a peer closing its connections mid-teardown."""
+    return bool(getattr(exc, "on_every_rank", False))
 
 
 class BatchGather:

@@ -501,5 +501,5 @@ def main(argv=None) -> int:
     except SrcidError as exc:
         print(f"srcid: error: {exc}", file=sys.stderr)
         if trainer is not None:
-            trainer.close(ok=False)
+            trainer.close(ok=trainer.dist.raised_on_every_rank(exc))
         return exc.exit_code
