@@ -15,7 +15,8 @@ import pytest
 import srcid.cli
 from srcid.config import valid_keys
 from srcid.errors import SrcidError
-from srcid.study.grid import CLUB_LAYER_KEYS, PLANS, build_grid, codebook_sizes, matches, select
+from srcid.study.grid import (CLUB_LAYER_KEYS, PLANS, build_grid, codebook_sizes, matches, select, train_seed_list,
+                              with_train_seeds)
 from srcid.study.runner import error_line, read_eval
 from srcid.train.trainer import LAUNCHER_DIR, default_run_config
 
@@ -239,6 +240,26 @@ def test_only_a_subset_with_a_resumed_and_a_failing_cell(full, tmp_path):
         assert (out / name).stat().st_size > 5000
 
 
+def test_training_seeds_repeat_cells_and_the_tables_pool_them(full, tmp_path):
+    out = tmp_path / "seeds"
+    result = study("--preset", "tiny", "--data", full / "data", "--out", out, "--only", "dcid-vq", "--train-seeds", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[2/2] dcid-vq-seed1: training DCID(VQ)" in result.stdout
+    log = (out / "cells" / "dcid-vq-seed1" / "train.log").read_text()
+    assert "--set seed=1 --set model.seed=1" in log.splitlines()[0]
+    assert "--set seed=" not in (out / "cells" / "dcid-vq" / "train.log").read_text().splitlines()[0]
+    data = results_of(out)
+    assert data["train_seeds"] == [43, 1] and data["command"].endswith("--train-seeds 2")
+    assert data["cells"]["dcid-vq-seed1"]["train_seed"] == 1 and data["cells"]["dcid-vq-seed1"]["group"] == "dcid-vq"
+    dcid = row(data["tables"]["table1"], "DCID(VQ)")
+    assert all(cell["n"] == 2 for cell in dcid["cells"].values())  # 2 training seeds x 1 head seed
+    runs = [_reference_average(out / "cells" / name / "eval-layers1.json") for name in ("dcid-vq", "dcid-vq-seed1")]
+    assert math.isclose(dcid["avg"]["mean"], sum(runs) / 2)
+    assert math.isclose(dcid["avg"]["std"], abs(runs[0] - runs[1]) / math.sqrt(2))
+    assert row(data["tables"]["table3"], "DCID")["avg"] is not None
+    assert "Training seeds: 43, 1" in (out / "tables.md").read_text()
+
+
 def test_corrupt_data_fails_the_cell_and_names_it(full, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(full / "data", data)
@@ -292,6 +313,7 @@ def test_data_without_task_folders_is_one_line(cli, full, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--processes", "3"], "--processes 3: the global batch of 80 clips does not split evenly over the processes"),
     (["--seeds", "0"], "--seeds 0: must be at least 1"),
+    (["--train-seeds", "0"], "--train-seeds 0: must be at least 1"),
     (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
 ])
 def test_bad_numbers_are_one_line(cli, full, tmp_path, flags, message):
@@ -322,6 +344,25 @@ def test_grid_per_preset_and_club_cells():
     assert with_keys["srcid-codebook-32"].overrides == ("model.quantizer.codebook_size=32",)
     assert "srcid-codebook-128" not in with_keys and with_keys["srcid"].layers == ("1,2", "1")
     assert len(with_keys) == 12
+
+
+def test_training_seed_repeats_of_the_grid():
+    assert train_seed_list(1) == [43] and train_seed_list(3) == [43, 1, 2]
+    grid = build_grid(PLANS["small"], 128, ["model.quantizer.codebook_size"])  # no CLUB keys: two unavailable cells
+    cells = with_train_seeds(grid, train_seed_list(3))
+    names = [c.name for c in cells]
+    assert names[:4] == ["srcid", "srcid-seed1", "srcid-seed2", "dcid-vq"]
+    assert "srcid-no-club-l1" in names and "srcid-no-club-l1-seed1" not in names
+    assert len(cells) == 3 * 10 + 2
+    repeat = cells[2]
+    assert (repeat.train_seed, repeat.base, repeat.group) == (2, "srcid", "srcid")
+    assert repeat.overrides == ("seed=2", "model.seed=2") and repeat.layers == ("1,2", "1")
+    sized = next(c for c in cells if c.name == "srcid-codebook-64-seed1")
+    assert sized.overrides == ("model.quantizer.codebook_size=64", "seed=1", "model.seed=1")
+    assert cells[0].group == "srcid" and cells[0].train_seed == 43
+    # --only matches a repeat through the name of the cell it repeats
+    assert [c.name for c in select(cells, ["^srcid$"])] == ["srcid", "srcid-seed1", "srcid-seed2"]
+    assert [c.name for c in select(cells, ["seed2$"])][:2] == ["srcid-seed2", "dcid-vq-seed2"]
 
 
 def test_only_patterns_glob_and_regex():

@@ -20,8 +20,8 @@ def _command_line(args) -> str:
         words += ["--data", str(args.data)]
     for pattern in args.only or []:
         words += ["--only", pattern]
-    for flag, value in (("--processes", args.processes), ("--seeds", args.seeds), ("--max-steps", args.max_steps),
-                        ("--kernels", args.kernels)):
+    for flag, value in (("--processes", args.processes), ("--seeds", args.seeds), ("--train-seeds", args.train_seeds),
+                        ("--max-steps", args.max_steps), ("--kernels", args.kernels)):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
@@ -29,18 +29,19 @@ def _command_line(args) -> str:
 
 def _study(args) -> int:
     from srcid.config import valid_keys
-    from srcid.study.grid import build_grid, plan_for, select
+    from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
     from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
     from srcid.study.runner import CELLS_DIR, Runner, Settings, prepare_data, rank_batch
     from srcid.train.trainer import default_run_config
 
     plan = plan_for(args.preset)
-    for name in ("--seeds", "--max-steps", "--processes"):
+    for name in ("--seeds", "--train-seeds", "--max-steps", "--processes"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     if args.out.exists() and not args.out.is_dir():
         raise SrcidError(f"--out {args.out}: is a file; name a folder for the study")
     config = default_run_config("srcid", plan.preset)
-    grid = build_grid(plan, config.model.quantizer.codebook_size, valid_keys(config))
+    train_seeds = train_seed_list(args.train_seeds or 1)
+    grid = with_train_seeds(build_grid(plan, config.model.quantizer.codebook_size, valid_keys(config)), train_seeds)
     selected = select(grid, args.only)
     processes = args.processes or 1
     rank_batch(plan, processes)
@@ -48,7 +49,7 @@ def _study(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.data, out, plan.preset, lambda line: print(line, flush=True))
     settings = Settings(plan=plan, out=out, data=data, seeds=args.seeds or plan.seeds, max_steps=args.max_steps,
-                        processes=processes, kernels=args.kernels, command=_command_line(args))
+                        processes=processes, kernels=args.kernels, command=_command_line(args), train_seeds=train_seeds)
 
     outcomes = Runner(settings, lambda line: print(line, flush=True)).run(selected)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -82,6 +83,9 @@ def register(sub) -> None:
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="training processes per cell through deepspeed (default 1); the global batch stays 80")
     p.add_argument("--seeds", type=int, default=None, metavar="S", help="head seeds per evaluation (default: the preset's)")
+    p.add_argument("--train-seeds", type=int, default=None, metavar="T",
+                   help="train every cell with T training seeds (43, 1, 2, ...; repeats are named <cell>-seed<S>); "
+                        "the tables pool the T x S runs (default 1)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop every training after N steps (default: the preset's)")
     add_kernels_flag(p)

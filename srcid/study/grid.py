@@ -36,6 +36,8 @@ QUANTIZER_BASELINES = (
     ("dcid-rvq4", "dcid-rvq4", "DCID(RVQ-4)"),
 )
 CLUB_SETTINGS = {"both": "CLUB in both layers", 1: "no CLUB in layer 1", 2: "no CLUB in layer 2"}
+DEFAULT_TRAIN_SEED = 43  # the trainer's default seed: the cells without a -seed<S> suffix
+TRAIN_SEED_KEYS = ("seed", "model.seed")  # what a training seed sets: weights, data order, the model's own draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,13 @@ class Cell:
     codebook_size: int = 0
     club: object = "both"  # "both", or the layer (1 or 2) whose CLUB loss is off
     unavailable: Optional[str] = None  # why this version cannot train it
+    train_seed: int = DEFAULT_TRAIN_SEED
+    base: str = ""  # the cell this one repeats with another training seed ("": itself)
+
+    @property
+    def group(self) -> str:
+        """The name its results are pooled under: the cell trained with the default seed."""
+        return self.base or self.name
 
 
 def plan_for(preset: str) -> Plan:
@@ -117,6 +126,28 @@ def build_grid(plan: Plan, default_size: int, config_keys) -> list:
     return cells
 
 
+def train_seed_list(count: int) -> list:
+    """``count`` training seeds: the trainer's default (43), then 1, 2, ..."""
+    return [DEFAULT_TRAIN_SEED] + list(range(1, count))
+
+
+def with_train_seeds(cells: list, seeds: list) -> list:
+    """Each cell, then its repeats with the other training seeds (``<name>-seed<S>``), in grid order.
+
+    A repeat adds ``--set seed=S --set model.seed=S`` to the cell's overrides. Unavailable cells are not repeated.
+    """
+    out = []
+    for cell in cells:
+        out.append(cell)
+        if cell.unavailable:
+            continue
+        for seed in seeds[1:]:
+            out.append(dataclasses.replace(
+                cell, name=f"{cell.name}-seed{seed}", train_seed=seed, base=cell.name,
+                overrides=cell.overrides + tuple(f"{key}={seed}" for key in TRAIN_SEED_KEYS)))
+    return out
+
+
 def _regex(pattern: str):
     try:
         return re.compile(pattern)
@@ -133,11 +164,15 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def select(cells: list, patterns) -> list:
-    """The cells matching any of ``patterns`` (all cells when there is none); each pattern must match one."""
+    """The cells matching any of ``patterns`` (all cells when there is none); each pattern must match one.
+
+    A repeat with another training seed also matches through the name of the cell it repeats.
+    """
     if not patterns:
         return list(cells)
-    names = [cell.name for cell in cells]
+    hit = lambda cell, p: matches(cell.name, p) or (cell.base and matches(cell.base, p))  # noqa: E731
     for pattern in patterns:
-        if not any(matches(name, pattern) for name in names):
+        if not any(hit(cell, pattern) for cell in cells):
+            names = [cell.name for cell in cells]
             raise SrcidError(f"--only {pattern!r} matches no cell; the cells are {', '.join(names)}")
-    return [cell for cell in cells if any(matches(cell.name, p) for p in patterns)]
+    return [cell for cell in cells if any(hit(cell, p) for p in patterns)]

@@ -9,6 +9,9 @@ invocations or other ``--only`` selections); a missing number is ``-``.
 * Table III: zero-shot retrieval of DCID and SRCID.
 * Fig. 3: the Table II average of SRCID against the codebook size, and with
   CLUB switched off in layer 1 or layer 2.
+* With several training seeds (``--train-seeds``), a cell and its repeats
+  are pooled: every table cell is the mean and sample std over all their
+  runs (training seed x head seed; retrieval: training seeds).
 * The collapse check: per cell, layer and modality, the codes used, the
   live dimensions of the specific output and the relative reconstruction
   error (``srcid inspect``).
@@ -64,6 +67,60 @@ class CellResults:
         """``(cross, same, retrieval)`` of the evaluation with ``layers`` (empty when missing)."""
         data = self.evals.get(layers)
         return split_results(data["results"]) if data else ({}, {}, None)
+
+
+def _pool_metrics(items: list):
+    """One table cell pooled over runs: the runs' per-seed values (or single numbers) in run order; None if one lacks it."""
+    if any(item is None for item in items):
+        return None
+    values = []
+    for item in items:
+        values += list(item["values"]) if isinstance(item, dict) else [float(item)]
+    return {"values": values}
+
+
+def _pool_nested(parts: list) -> dict:
+    """``{task: {direction: metric}}`` of several runs pooled; ``{}`` when a run has none."""
+    if any(not part for part in parts):
+        return {}
+    return {task: {direction: _pool_metrics([part.get(task, {}).get(direction) for part in parts])
+                   for direction in parts[0][task]}
+            for task in parts[0]}
+
+
+@dataclasses.dataclass
+class GroupResults:
+    """A cell and its repeats with other training seeds (the default seed first); the tables read these."""
+
+    runs: list  # CellResults
+
+    @property
+    def cell(self) -> Cell:
+        return self.runs[0].cell
+
+    @property
+    def status(self) -> str:
+        return next((r.status for r in self.runs if r.status != "finished"), "finished")
+
+    def parts(self, layers: str) -> tuple:
+        """``(cross, same, retrieval)`` pooled over the runs (one run: its own)."""
+        parts = [run.parts(layers) for run in self.runs]
+        if len(parts) == 1:
+            return parts[0]
+        retrievals = [p[2] for p in parts]
+        retrieval = None
+        if all(r is not None for r in retrievals):
+            retrieval = {name: {k: _pool_metrics([r[name][k] for r in retrievals]) for k in retrievals[0][name]}
+                         for name in retrievals[0]}
+        return _pool_nested([p[0] for p in parts]), _pool_nested([p[1] for p in parts]), retrieval
+
+
+def group_runs(cells: dict) -> dict:
+    """``{cell name: GroupResults}``: each cell of the grid with its training-seed repeats."""
+    groups: dict = {}
+    for result in cells.values():
+        groups.setdefault(result.cell.group, []).append(result)
+    return {name: GroupResults(runs) for name, runs in groups.items()}
 
 
 def collect(grid: list, settings: Settings) -> dict:
@@ -181,6 +238,8 @@ def _cell_summary(result: CellResults) -> dict:
     return {
         "label": cell.label,
         "variant": cell.variant,
+        "train_seed": cell.train_seed,
+        "group": cell.group,
         "overrides": list(cell.overrides),
         "codebook_size": cell.codebook_size,
         "club": cell.club,
@@ -241,6 +300,17 @@ def collapse_table(cells: dict) -> list:
     return lines
 
 
+def _train_seed_note(settings: Settings) -> list:
+    seeds = settings.train_seeds
+    if len(seeds) == 1:
+        return []
+    heads = len(settings.seed_list())
+    return [f"Training seeds: {', '.join(map(str, seeds))}: every available cell was trained {len(seeds)} times (the repeats are "
+            f"`<cell>-seed<S>`). Tables I-III and Fig. 3 pool the repeats: each number is the mean ± sample std over "
+            f"{len(seeds)} × {heads} runs (training seed × head seed); retrieval over the {len(seeds)} training runs.",
+            ""]
+
+
 def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict]) -> str:
     from srcid.eval.tables import to_markdown
 
@@ -257,6 +327,7 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         f"Heads: {plan.epochs_cls} epochs (classification), {plan.epochs_loc} (localization), "
         f"seeds {', '.join(map(str, settings.seed_list()))}. Cells finished: {finished} of {len(cells)}.",
         "",
+        *_train_seed_note(settings),
         "## Table I",
         "",
         to_markdown(tables["table1"]),
@@ -323,15 +394,17 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
     from srcid import __version__
     from srcid.study import plots
 
-    seeds = settings.seed_list()
     cells = collect(grid, settings)
-    tables = build_tables(cells, seeds)
-    fig3 = figure3(cells, seeds)
+    groups = group_runs(cells)
+    # pooled runs have training x head values per cell, so the tables cannot label them by head seed
+    seeds = settings.seed_list() if len(settings.train_seeds) == 1 else None
+    tables = build_tables(groups, seeds)
+    fig3 = figure3(groups, seeds)
     averages = method_averages(tables)
     curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
     out = settings.out
     plots.method_averages(averages, out / PLOT_FILES["cross_modal_average"])
-    default_size = cells["srcid"].cell.codebook_size if "srcid" in cells else None
+    default_size = groups["srcid"].cell.codebook_size if "srcid" in groups else None
     plots.codebook_curve(fig3["codebook_size"]["points"], out / PLOT_FILES["codebook_size"], default_size)
     plots.club_bars(fig3["club"]["bars"], out / PLOT_FILES["club"])
     plots.mi_curves(curves, out / PLOT_FILES["mi_curves"])
@@ -342,7 +415,8 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
         "preset": settings.preset,
         "data": str(settings.data),
         "out": str(out),
-        "seeds": seeds,
+        "seeds": settings.seed_list(),
+        "train_seeds": list(settings.train_seeds),
         "training": {"epochs": plan.epochs, "max_steps": settings.steps_limit, "global_batch": plan.global_batch,
                      "processes": settings.processes, "log_every": plan.log_every, "kernels": settings.kernels},
         "evaluation": {"task": "all", "protocol": "default", "epochs_cls": plan.epochs_cls,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from srcid.errors import SrcidError
-from srcid.study.grid import Cell, Plan
+from srcid.study.grid import DEFAULT_TRAIN_SEED, Cell, Plan
 
 CELLS_DIR = "cells"
 RECORD_FILE = "cell.json"
@@ -106,6 +106,7 @@ class Settings:
     processes: int
     kernels: Optional[str]
     command: str
+    train_seeds: list = dataclasses.field(default_factory=lambda: [DEFAULT_TRAIN_SEED])  # every cell's, in order
 
     @property
     def preset(self) -> str:
