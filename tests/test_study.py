@@ -365,6 +365,27 @@ def test_training_seed_repeats_of_the_grid():
     assert [c.name for c in select(cells, ["seed2$"])][:2] == ["srcid-seed2", "dcid-vq-seed2"]
 
 
+def test_pooling_over_training_seeds_uses_the_runs_that_finished():
+    from types import SimpleNamespace
+
+    from srcid.study.report import GroupResults
+
+    def run(name, parts, status="finished"):
+        return SimpleNamespace(cell=SimpleNamespace(name=name), status=status, parts=lambda layers: parts)
+
+    first = run("c", ({"ave": {"V->A": {"values": [1.0, 2.0]}, "A->V": {"values": [3.0, 4.0]}}},
+                      {"ave": {"V->V": {"values": [7.0, 8.0]}}}, {"video-text": {"R@1": 10.0, "R@5": 20.0}}))
+    second = run("c-seed1", ({"ave": {"V->A": {"values": [5.0, 6.0]}}}, {}, None))
+    missing = run("c-seed2", ({}, {}, None), status="not run")
+    cross, same, retrieval = GroupResults([first, second, missing]).parts("1")
+    assert cross == {"ave": {"V->A": {"values": [1.0, 2.0, 5.0, 6.0]}, "A->V": {"values": [3.0, 4.0]}}}
+    assert same == {"ave": {"V->V": {"values": [7.0, 8.0]}}}
+    assert retrieval == {"video-text": {"R@1": {"values": [10.0]}, "R@5": {"values": [20.0]}}}
+    assert GroupResults([first, second, missing]).finished_runs() == ["c", "c-seed1"]
+    assert GroupResults([first, second, missing]).status == "not run"
+    assert GroupResults([first]).parts("1") == first.parts("1")
+
+
 def test_only_patterns_glob_and_regex():
     cells = build_grid(PLANS["tiny"], 32, [])
     names = lambda *patterns: [c.name for c in select(cells, patterns)]

@@ -70,22 +70,22 @@ class CellResults:
 
 
 def _pool_metrics(items: list):
-    """One table cell pooled over runs: the runs' per-seed values (or single numbers) in run order; None if one lacks it."""
-    if any(item is None for item in items):
-        return None
+    """One table cell pooled over runs: the per-seed values (or single numbers) of the runs that have it, in run
+    order; None when none has it."""
     values = []
     for item in items:
-        values += list(item["values"]) if isinstance(item, dict) else [float(item)]
-    return {"values": values}
+        if item is not None:
+            values += list(item["values"]) if isinstance(item, dict) else [float(item)]
+    return {"values": values} if values else None
 
 
 def _pool_nested(parts: list) -> dict:
-    """``{task: {direction: metric}}`` of several runs pooled; ``{}`` when a run has none."""
-    if any(not part for part in parts):
-        return {}
+    """``{task: {direction: metric}}`` pooled over the runs that were evaluated (``{}``: none was)."""
+    parts = [part for part in parts if part]
+    tasks = list(dict.fromkeys(task for part in parts for task in part))
     return {task: {direction: _pool_metrics([part.get(task, {}).get(direction) for part in parts])
-                   for direction in parts[0][task]}
-            for task in parts[0]}
+                   for direction in dict.fromkeys(d for part in parts for d in part.get(task, {}))}
+            for task in tasks}
 
 
 @dataclasses.dataclass
@@ -107,12 +107,14 @@ class GroupResults:
         parts = [run.parts(layers) for run in self.runs]
         if len(parts) == 1:
             return parts[0]
-        retrievals = [p[2] for p in parts]
-        retrieval = None
-        if all(r is not None for r in retrievals):
-            retrieval = {name: {k: _pool_metrics([r[name][k] for r in retrievals]) for k in retrievals[0][name]}
-                         for name in retrievals[0]}
+        retrievals = [p[2] for p in parts if p[2]]
+        retrieval = {name: {k: _pool_metrics([r.get(name, {}).get(k) for r in retrievals]) for k in retrievals[0][name]}
+                     for name in retrievals[0]} if retrievals else None
         return _pool_nested([p[0] for p in parts]), _pool_nested([p[1] for p in parts]), retrieval
+
+    def finished_runs(self) -> list:
+        """The names of its finished runs (those the pooled numbers hold)."""
+        return [run.cell.name for run in self.runs if run.status == "finished"]
 
 
 def group_runs(cells: dict) -> dict:
@@ -300,18 +302,20 @@ def collapse_table(cells: dict) -> list:
     return lines
 
 
-def _train_seed_note(settings: Settings) -> list:
+def _train_seed_note(settings: Settings, pooled: dict) -> list:
     seeds = settings.train_seeds
     if len(seeds) == 1:
         return []
+    fewer = [f"{name} ({len(runs)} of {len(seeds)})" for name, runs in pooled.items() if 0 < len(runs) < len(seeds)]
     heads = len(settings.seed_list())
-    return [f"Training seeds: {', '.join(map(str, seeds))}: every available cell was trained {len(seeds)} times (the repeats are "
-            f"`<cell>-seed<S>`). Tables I-III and Fig. 3 pool the repeats: each number is the mean ± sample std over "
-            f"{len(seeds)} × {heads} runs (training seed × head seed); retrieval over the {len(seeds)} training runs.",
+    return [f"Training seeds: {', '.join(map(str, seeds))}: each cell is trained once per seed (the repeats are "
+            f"`<cell>-seed<S>`). Tables I-III and Fig. 3 pool the repeats that are finished: each number is the mean ± "
+            f"sample std over up to {len(seeds)} × {heads} runs (training seed × head seed; retrieval: training seeds). "
+            + (f"Pooled over fewer training seeds: {', '.join(fewer)}." if fewer else ""),
             ""]
 
 
-def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict]) -> str:
+def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict], pooled: dict) -> str:
     from srcid.eval.tables import to_markdown
 
     finished = sum(c.status == "finished" for c in cells.values())
@@ -327,7 +331,7 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         f"Heads: {plan.epochs_cls} epochs (classification), {plan.epochs_loc} (localization), "
         f"seeds {', '.join(map(str, settings.seed_list()))}. Cells finished: {finished} of {len(cells)}.",
         "",
-        *_train_seed_note(settings),
+        *_train_seed_note(settings, pooled),
         "## Table I",
         "",
         to_markdown(tables["table1"]),
@@ -400,6 +404,7 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
     seeds = settings.seed_list() if len(settings.train_seeds) == 1 else None
     tables = build_tables(groups, seeds)
     fig3 = figure3(groups, seeds)
+    pooled = {name: group.finished_runs() for name, group in groups.items() if not group.cell.unavailable}
     averages = method_averages(tables)
     curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
     out = settings.out
@@ -417,6 +422,7 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
         "out": str(out),
         "seeds": settings.seed_list(),
         "train_seeds": list(settings.train_seeds),
+        "pooled_runs": pooled,
         "training": {"epochs": plan.epochs, "max_steps": settings.steps_limit, "global_batch": plan.global_batch,
                      "processes": settings.processes, "log_every": plan.log_every, "kernels": settings.kernels},
         "evaluation": {"task": "all", "protocol": "default", "epochs_cls": plan.epochs_cls,
@@ -430,5 +436,5 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
         "files": {"tables": TABLES_FILE, **PLOT_FILES},
     }
     _write_text(out / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
-    _write_text(out / TABLES_FILE, _markdown(settings, cells, tables, fig3, curves))
+    _write_text(out / TABLES_FILE, _markdown(settings, cells, tables, fig3, curves, pooled))
     return data
