@@ -28,3 +28,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    """The tiny synthetic datasets (all six task folders), written once per test module."""
+    from srcid.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize("tiny", out, seed=0, progress=False)
+    return out

@@ -14,7 +14,6 @@ import srcid.cli
 from srcid.data.manifest import load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
-from srcid.data.synth import synthesize
 from srcid.eval.features import CODES_INFO, scan_split
 from srcid.model import build_mi_fitter, build_model, build_model_from_manifest, model_config
 from srcid.model.export import export_model, load_model
@@ -27,13 +26,6 @@ TRAIN_STEPS = 30
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synthesize("tiny", out, seed=0, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

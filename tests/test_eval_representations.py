@@ -8,19 +8,11 @@ import torch
 
 import srcid.cli
 from srcid.data.reader import ShardLoader
-from srcid.data.synth import synthesize
 from srcid.eval.representations import representation_stats, to_markdown
 from srcid.model import build_model_from_manifest, model_config
 from srcid.model.export import export_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synthesize("tiny", out, seed=0, progress=False)
-    return out
 
 
 def batches(synth_dir, batch_size=24, count=2):

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from srcid.data.synth import synthesize
 from srcid.errors import SrcidError
 from srcid.eval.features import FeatureEncoder, SplitFeatures, parse_layers, scan_split
 from srcid.eval.probe import evaluate_classification, train_head
@@ -17,13 +16,6 @@ SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synthesize("tiny", out, seed=0, progress=False)
-    return out
 
 
 def tiny(variant="srcid"):

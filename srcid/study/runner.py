@@ -518,34 +518,27 @@ class Runner:
                             f"training exited without writing {files.run / MODEL_FILE} (log: {files.train_log})")
             record["trained"] = True
             write_record(files, record)
+        # (record key, stage name, progress message, command, log, output JSON, whether the output is complete)
+        stages = []
         for layers in cell.layers:
-            expected = expected_eval(settings, layers)
-            out = files.eval_json(layers)
-            if read_eval(out, expected) is not None:
+            out, expected = files.eval_json(layers), expected_eval(settings, layers)
+            stages.append((f"eval {layers}", f"evaluation (layers {layers})", f"evaluating with layers {layers}",
+                           eval_command(settings, files.run, layers, out), files.eval_log(layers), out,
+                           lambda out=out, expected=expected: read_eval(out, expected) is not None))
+        stages.append(("inspect", "collapse check", "checking for collapse",
+                       inspect_command(settings, files.run, files.inspect_json), files.inspect_log, files.inspect_json,
+                       lambda: read_inspection(files.inspect_json, files.run, settings) is not None))
+        for key, stage, message, command, log, out, complete in stages:
+            if complete():
                 continue
-            command = eval_command(settings, files.run, layers, out)
-            record["commands"][f"eval {layers}"] = shlex.join(command)
+            record["commands"][key] = shlex.join(command)
             write_record(files, record)
-            self.say(f"{prefix}: evaluating with layers {layers} ...")
-            log = files.eval_log(layers)
+            self.say(f"{prefix}: {message} ...")
             code, seconds = run_logged(command, log, self.env)
-            record["seconds"][f"eval {layers}"] = seconds
+            record["seconds"][key] = seconds
             if code != 0:
-                return fail(f"evaluation (layers {layers})", code, log)
-            if read_eval(out, expected) is None:
-                return fail(f"evaluation (layers {layers})", code, log,
-                            f"evaluation (layers {layers}) left no complete {out} (log: {log})")
-        if read_inspection(files.inspect_json, files.run, settings) is None:
-            command = inspect_command(settings, files.run, files.inspect_json)
-            record["commands"]["inspect"] = shlex.join(command)
-            write_record(files, record)
-            self.say(f"{prefix}: checking for collapse ...")
-            code, seconds = run_logged(command, files.inspect_log, self.env)
-            record["seconds"]["inspect"] = seconds
-            if code != 0:
-                return fail("collapse check", code, files.inspect_log)
-            if read_inspection(files.inspect_json, files.run, settings) is None:
-                return fail("collapse check", code, files.inspect_log,
-                            f"the collapse check left no complete {files.inspect_json} (log: {files.inspect_log})")
+                return fail(stage, code, log)
+            if not complete():
+                return fail(stage, code, log, f"{stage} left no complete {out} (log: {log})")
         write_record(files, record)
         return Outcome(cell.name, "finished", time.perf_counter() - started)
