@@ -19,8 +19,12 @@ def features(shape, seed, mods=MODS, scale=1.0):
     return {m: torch.randn(*shape, generator=gen) * scale for m in mods}
 
 
+# the authors' codebook recipe: uniform initialisation, dead codes by step count, reset near an active code
+AUTHORS = {"init": "uniform", "dead_code": "steps", "dead_code_source": "active_code"}
+
+
 def vq(num_codes=6, dim=3, mods=MODS, seed=43, **overrides):
-    cfg = QuantizerConfig(codebook_size=num_codes, **overrides)
+    cfg = QuantizerConfig(codebook_size=num_codes, **{**AUTHORS, **overrides})
     return MMEMAQuantizer(mods, dim, cfg, seed=seed)
 
 
@@ -210,7 +214,7 @@ def test_two_modality_quantizer():
 
 def test_rvq_zero_code_and_residual_sum():
     torch.manual_seed(3)
-    cfg = QuantizerConfig(codebook_size=6)
+    cfg = QuantizerConfig(codebook_size=6, **AUTHORS)
     q = ResidualMMEMAQuantizer(MODS, 4, cfg, stages=3, seed=1)
     x = features((2, 5, 4), 10, scale=0.05)
     for _ in range(3):
@@ -235,7 +239,7 @@ def test_rvq_zero_code_and_residual_sum():
 
 def test_rvq_commitment_on_the_summed_output():
     torch.manual_seed(4)
-    q = ResidualMMEMAQuantizer(MODS, 3, QuantizerConfig(codebook_size=5), stages=2, seed=1)
+    q = ResidualMMEMAQuantizer(MODS, 3, QuantizerConfig(codebook_size=5, **AUTHORS), stages=2, seed=1)
     x = features((2, 2, 3), 11)
     out = q(x, update=False)
     codes = {m: out.quantized[m].double() for m in MODS}

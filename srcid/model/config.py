@@ -12,6 +12,9 @@ from srcid.errors import SrcidError
 
 PRESETS = ("paper", "small", "tiny")
 CLUB_ESTIMATORS = ("all_pairs", "sampled")
+CODEBOOK_INITS = ("kmeans", "sample", "uniform")
+DEAD_CODE_RULES = ("ema", "steps")
+DEAD_CODE_SOURCES = ("batch", "active_code")
 
 
 @dataclass
@@ -35,8 +38,19 @@ class QuantizerConfig:
     decay: float = 0.99
     eps: float = 1e-5
     mmema_own: float = 0.5  # own share of the mixed EMA vector; the rest is split evenly over the others
-    dead_code_steps: int = 300  # a code unused by every modality for more steps than this is reset
-    active_window: int = 100  # a reset copies a code used within this many steps
+    # Codebook initialisation: "kmeans" (k-means on the first training batch's general features, every
+    # modality and rank pooled), "sample" (rows of that batch), "uniform" (U(+-1/L), the authors' code).
+    init: str = "kmeans"
+    kmeans_iters: int = 10
+    # Dead codes: "ema" (a code whose EMA cluster size falls below dead_code_threshold x the mean cluster
+    # size) or "steps" (unused by every modality for more than dead_code_steps steps, the authors' code).
+    dead_code: str = "ema"
+    dead_code_threshold: float = 0.1
+    dead_code_steps: int = 300
+    # What a dead code becomes: "batch" (a random general feature of the step, every rank's pooled) or
+    # "active_code" (a code used within active_window steps plus uniform noise in +-dead_code_noise, the authors')
+    dead_code_source: str = "batch"
+    active_window: int = 100
     dead_code_noise: float = 1.0 / 1024.0
     rvq_stages: int = 2  # used by the RVQ variants (the variant name sets it)
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
@@ -94,6 +108,7 @@ class ModelConfig:
     cpc: CPCConfig = field(default_factory=CPCConfig)
     club: ClubConfig = field(default_factory=ClubConfig)
     weights: LossWeights = field(default_factory=LossWeights)
+    normalize_inputs: bool = True  # standardise each input feature with pretraining-split moments (false: raw, as the authors)
     layer2_run_when_off: bool = True  # run layer 2 (forward and codebook EMA) while its loss weight is 0
     layer2_detach_input: bool = False  # stop layer-2 gradients at layer 1's specific output
     check_finite: bool = True  # reject batches holding NaN/Inf (one reduction and one sync per step)
@@ -125,6 +140,12 @@ class ModelConfig:
             need(_get(self, key) >= 0.0, key, "must be >= 0")
         need(len(q.fsq_levels) >= 1 and all(isinstance(v, int) and v >= 2 for v in q.fsq_levels),
              "quantizer.fsq_levels", "must be a non-empty list of integers >= 2")
+        need(q.init in CODEBOOK_INITS, "quantizer.init", f"choose one of {', '.join(CODEBOOK_INITS)}")
+        need(isinstance(q.kmeans_iters, int) and q.kmeans_iters >= 0, "quantizer.kmeans_iters", "must be an integer >= 0")
+        need(q.dead_code in DEAD_CODE_RULES, "quantizer.dead_code", f"choose one of {', '.join(DEAD_CODE_RULES)}")
+        need(0.0 <= q.dead_code_threshold < 1.0, "quantizer.dead_code_threshold", "must lie in [0, 1)")
+        need(q.dead_code_source in DEAD_CODE_SOURCES, "quantizer.dead_code_source",
+             f"choose one of {', '.join(DEAD_CODE_SOURCES)}")
         need(self.club.estimator in CLUB_ESTIMATORS, "club.estimator", f"choose one of {', '.join(CLUB_ESTIMATORS)}")
         return self
 

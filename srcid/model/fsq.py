@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from srcid.model.quantizers import Quantizer, QuantizerOutput, group_counts, perplexity
+from srcid.model.quantizers import Quantizer, QuantizerOutput, distinct_codes, group_counts, perplexity
 
 
 def fsq_bound(h: torch.Tensor, levels: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -59,7 +59,7 @@ class FSQQuantizer(Quantizer):
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
 
-    def forward(self, features: dict, *, update: bool) -> QuantizerOutput:
+    def forward(self, features: dict, *, update: bool, pool=None) -> QuantizerOutput:
         names = [m for m in self.modalities if m in features]
         device = next(iter(features.values())).device
         quantized, indices, counts, loss = {}, {}, [], {}
@@ -76,4 +76,5 @@ class FSQQuantizer(Quantizer):
             quantized=quantized, indices=indices, loss=loss,
             perplexity={m: perplexity(counts[i]) for i, m in enumerate(names)},
             codes_used=(counts.sum(0) > 0).float().mean(), codebook=None,
+            codes={m: distinct_codes(counts[i]) for i, m in enumerate(names)},
         )

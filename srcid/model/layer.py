@@ -30,6 +30,7 @@ class LayerOutput:
     cpc_step: int  # the context time step t the CPC loss used
     perplexity: dict  # scalar per modality
     codes_used: torch.Tensor  # scalar fraction of codes used this step
+    codes: dict  # distinct codes per modality this step (scalar float tensors)
     codebook: Optional[torch.Tensor]  # codebook the step was assigned with (CMCM), None without CMCM
 
 
@@ -69,15 +70,17 @@ class DisentangleLayer(nn.Module):
         specific, decoder_inputs = {}, {}
         for m in self.modalities:
             specific[m], decoder_inputs[m] = self.specific[m](inputs[m])
-        q = self.quantizer(general, update=update)
-        reconstructions = {m: self.decoders[m](q.quantized[m], decoder_inputs[m]) for m in self.modalities}
-        # CPC's negatives are the other clips of the (global, under data parallelism) batch.
+        # CPC's negatives are the other clips of the (global, under data parallelism) batch; the quantizer
+        # draws its data initialisation and dead-code resets from the same global batch.
         cpc_inputs = {m: gather(z) for m, z in general.items()} if gather is not None else general
+        pool = {m: z.detach() for m, z in cpc_inputs.items()} if gather is not None else None
+        q = self.quantizer(general, update=update, pool=pool)
+        reconstructions = {m: self.decoders[m](q.quantized[m], decoder_inputs[m]) for m in self.modalities}
         return LayerOutput(
             targets=dict(inputs), masks={m: masks[m] for m in self.modalities if m in masks},
             general=general, specific=specific, quantized=q.quantized, indices=q.indices, commitment=q.loss,
             reconstructions=reconstructions, cpc=self.cpc(cpc_inputs, cpc_step), cpc_step=cpc_step,
-            perplexity=q.perplexity, codes_used=q.codes_used, codebook=q.codebook,
+            perplexity=q.perplexity, codes_used=q.codes_used, codes=q.codes, codebook=q.codebook,
         )
 
     def encode(self, x: torch.Tensor, modality: str, mask: Optional[torch.Tensor] = None, *, specific: bool = False) -> tuple:

@@ -30,6 +30,20 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask
     return (sq * weight).sum() / (count * per_step).clamp_min(1.0)
 
 
+@torch.no_grad()
+def spread(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Std over the (clip, step) rows of ``x`` ``[B, T, ...]``, averaged over its features (real steps only)."""
+    rows = x.detach().float().reshape(x.shape[0] * x.shape[1], -1)
+    if mask is not None:
+        weight = mask.reshape(-1, 1).to(rows.dtype)
+        count = weight.sum().clamp_min(1.0)
+        mean = (rows * weight).sum(0) / count
+        var = (((rows - mean) ** 2) * weight).sum(0) / count
+    else:
+        var = rows.var(0, unbiased=False)
+    return var.sqrt().mean()
+
+
 def layer_loss(model, out, layer_index: int, mi_estimator, step: int, layer_scale: float = 1.0) -> tuple:
     """``(loss, terms)`` of one layer (1-based ``layer_index``); terms are detached scalars.
 
@@ -65,6 +79,9 @@ def layer_loss(model, out, layer_index: int, mi_estimator, step: int, layer_scal
     total = total + layer_scale * w.mi * getattr(w, f"mi_layer{layer_index}") * mi_total
     for m in layer.modalities:
         terms[f"{prefix}/perplexity/{m}"] = out.perplexity[m]
+        terms[f"{prefix}/codes/{m}"] = out.codes[m]
+        terms[f"{prefix}/y_std/{m}"] = spread(out.specific[m], out.masks.get(m))
+        terms[f"{prefix}/target_std/{m}"] = spread(out.targets[m], out.masks.get(m))
     terms[f"{prefix}/codes_used"] = out.codes_used
     terms[f"{prefix}/loss"] = total
     return total, {k: v.detach() for k, v in terms.items()}

@@ -27,6 +27,7 @@ class QuantizerOutput:
     loss: dict  # scalar commitment loss per modality
     perplexity: dict  # scalar tensor per modality: exp(entropy of its code usage this step)
     codes_used: torch.Tensor  # scalar: fraction of codes used by any modality this step
+    codes: dict  # scalar float tensor per modality: distinct codes it used this step (RVQ: mean over stages)
     codebook: Optional[torch.Tensor] = None  # [L, D] codebook the step was assigned with (for CMCM), or None
 
 
@@ -38,8 +39,12 @@ class Quantizer(nn.Module):
     sums of a step, before the EMA update. ``None``: a single process.
 
     Subclasses implement ``forward(features: dict[str, Tensor [B, T, D]], *,
-    update: bool) -> QuantizerOutput``; ``update=True`` (training) runs the
-    codebook EMA and needs every modality of the quantizer.
+    update: bool, pool: dict | None = None) -> QuantizerOutput``;
+    ``update=True`` (training) runs the codebook EMA and needs every modality
+    of the quantizer. ``pool``: the same features over the global batch under
+    data parallelism (detached; ``None``: ``features`` themselves), the rows
+    that data initialisation and dead-code resets draw from, so every rank
+    draws the same ones.
     """
 
     uses_cmcm: bool = False
@@ -64,11 +69,11 @@ class Quantizer(nn.Module):
 class CodebookQuantizer(Quantizer):
     """A quantizer with EMA codebooks (VQ, RVQ): float32 outside autocast, training or lookup.
 
-    Subclasses hold ``modalities`` and implement ``_train_step(z, names)``
+    Subclasses hold ``modalities`` and implement ``_train_step(z, names, pool)``
     (assign, reduce statistics, EMA update) and ``_lookup(z, names)``.
     """
 
-    def forward(self, features: dict, *, update: bool) -> QuantizerOutput:
+    def forward(self, features: dict, *, update: bool, pool: Optional[dict] = None) -> QuantizerOutput:
         names = [m for m in self.modalities if m in features]
         if update and len(names) != len(self.modalities):
             raise SrcidError(f"quantizer update needs every modality ({', '.join(self.modalities)}); got {', '.join(features)}")
@@ -76,7 +81,8 @@ class CodebookQuantizer(Quantizer):
         with torch.autocast(device.type, enabled=False):
             z = {m: features[m].float() for m in names}
             if update:
-                return self._train_step(z, names)
+                rows = None if pool is None else {m: pool[m].detach().float() for m in names}
+                return self._train_step(z, names, rows)
             return self._lookup(z, names)
 
 
@@ -116,6 +122,11 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """``exp(-sum p log p)`` of the code-usage distribution in ``counts`` (last dim = codes)."""
     p = counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
     return torch.exp(-(p * torch.log(p + 1e-10)).sum(-1))
+
+
+def distinct_codes(counts: torch.Tensor) -> torch.Tensor:
+    """Number of codes with a non-zero count (last dim = codes), as float."""
+    return (counts > 0).float().sum(-1)
 
 
 def group_counts(indices: torch.Tensor, groups: int, num_codes: int) -> torch.Tensor:

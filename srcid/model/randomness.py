@@ -1,6 +1,6 @@
 """Seeded random streams for the model's own draws.
 
-Each draw (the CPC time step, dead-code resets, CLUB shuffles) uses a fresh
+Each draw (the CPC time step, dead-code resets, CLUB shuffles, codebook initialisation) uses a fresh
 ``torch.Generator`` seeded from ``(seed, step, stream)``. Every data-parallel
 rank therefore draws the same numbers without communication, and a resumed run
 draws what the uninterrupted run would have drawn.
@@ -14,6 +14,7 @@ import torch
 CPC_STREAM = 1
 DEAD_CODE_STREAM = 2
 CLUB_STREAM = 3
+INIT_STREAM = 4
 
 
 def derive_seed(seed: int, step: int, stream: int, index: int = 0) -> int:

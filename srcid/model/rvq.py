@@ -9,9 +9,9 @@ from srcid.errors import SrcidError
 from srcid.model.codebook import EMACodebook
 from srcid.model.config import QuantizerConfig
 from srcid.model.quantizers import (
-    CodebookQuantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
+    CodebookQuantizer, QuantizerOutput, distinct_codes, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
 )
-from srcid.model.randomness import DEAD_CODE_STREAM, StepCounter, generator
+from srcid.model.randomness import DEAD_CODE_STREAM, INIT_STREAM, StepCounter, generator
 from srcid.model.vq import stack_rows
 
 
@@ -40,24 +40,34 @@ class ResidualMMEMAQuantizer(CodebookQuantizer):
     def num_codes(self) -> int:
         return self.books[0].num_codes
 
-    def _train_step(self, z: dict, names: list) -> QuantizerOutput:
+    def _train_step(self, z: dict, names: list, pool: dict) -> QuantizerOutput:
         c = self.config
         residual = stack_rows(z, names)
         groups, n, dim = residual.shape
+        separate_pool = pool is not None
+        pool_residual = stack_rows(pool, names).reshape(-1, dim) if separate_pool else None
         total = torch.zeros_like(residual)
-        indices, stats = [], []
-        for book in self.books:
+        indices, stats, candidates = [], [], []
+        for s, book in enumerate(self.books):
+            # a stage initialises from, and resets dead codes to, the residuals the earlier stages left
+            cand = pool_residual if separate_pool else residual.reshape(-1, dim)
+            if not book.is_initialized:
+                book.init_from_rows(cand, generator(self.seed, self.steps.value, INIT_STREAM, self.stream * 1000 + s),
+                                    groups=groups)
+            candidates.append(cand)
             mixed = mmema_mix(residual, c.mmema_own)
             found = book.assign(residual.reshape(-1, dim), values=mixed.reshape(-1, dim), groups=groups, stats=True)
             code = F.embedding(found.indices, book.codebook).view(groups, n, dim)
             residual = residual - code
             total = total + code
+            if separate_pool:
+                pool_residual = pool_residual - book.lookup(book.assign(pool_residual).indices)
             indices.append(found.indices.view(groups, n))
             stats += [found.counts.reshape(groups, -1), found.sums.reshape(groups, self.num_codes, dim)]
         stats = self._reduce(stats)
         for s, book in enumerate(self.books):
             gen = generator(self.seed, self.steps.value, DEAD_CODE_STREAM, self.stream * 1000 + s, device=residual.device)
-            book.update(stats[2 * s], stats[2 * s + 1], gen)
+            book.update(stats[2 * s], stats[2 * s + 1], gen, pool=candidates[s])
         self.steps.advance()
         counts = torch.stack(stats[0::2], dim=1)  # [M, S, L]
         return self._output(z, names, total, torch.stack(indices, dim=-1), counts)
@@ -88,5 +98,6 @@ class ResidualMMEMAQuantizer(CodebookQuantizer):
             loss=mmema_commitment(z, q, c.beta, c.commit_own, c.commit_cross),
             perplexity={m: perplexity(counts[i]).mean() for i, m in enumerate(names)},
             codes_used=(counts.sum(0) > 0).float().mean(),
+            codes={m: distinct_codes(counts[i]).mean() for i, m in enumerate(names)},
             codebook=None,
         )

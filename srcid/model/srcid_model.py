@@ -13,6 +13,7 @@ from srcid.model.encoders import TextFrontEnd
 from srcid.model.inputs import check_batch, check_features, fit_steps, parse_input_shapes
 from srcid.model.layer import DisentangleLayer, LayerOutput
 from srcid.model.losses import club_key, model_loss
+from srcid.model.normalize import InputNormalizer, fit_moments
 from srcid.model.randomness import CPC_STREAM, StepCounter, generator
 
 
@@ -51,6 +52,8 @@ class SrcidModel(nn.Module):
         self.specs, self.steps_per_clip = parse_input_shapes(input_shapes)
         self.input_shapes = {m: spec.shape for m, spec in self.specs.items()}
         self.modalities = tuple(self.specs)
+        # always built (so every state dict has its buffers); the identity until fitted
+        self.normalizer = InputNormalizer({m: spec.shape[-1] for m, spec in self.specs.items()})
         low, high = config.cpc.min_start, self.steps_per_clip - config.cpc.horizon - 1
         if high < low:
             raise SrcidError(
@@ -136,6 +139,20 @@ class SrcidModel(nn.Module):
         for q in self.quantizers():
             q.reduce_stats = fn
 
+    @torch.no_grad()
+    def fit_input_stats(self, batches, *, reduce=None) -> bool:
+        """Fit the input normaliser on ``batches`` (the pretraining split); returns whether it was fitted.
+
+        Does nothing (returns False) with ``normalize_inputs=false``. ``reduce``
+        sums the float64 moments across data-parallel ranks in place, so every
+        rank ends with the same statistics.
+        """
+        if not self.config.normalize_inputs:
+            return False
+        moments = fit_moments(self.normalizer.dims, batches, reduce=reduce)
+        self.normalizer.set_moments(moments)
+        return True
+
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
@@ -170,14 +187,14 @@ class SrcidModel(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def _prepare(self, features: dict, batch_masks: dict) -> tuple:
-        """Layer-1 inputs (in the parameters' dtype) and the masks to honour: text is fitted to ``T``
-        steps and run through the front end."""
+        """Layer-1 inputs (standardised when the normaliser is fitted, in the parameters' dtype) and the
+        masks to honour: text is fitted to ``T`` steps and run through the front end."""
         inputs, masks = {}, {}
         dtype = self.layers[0].general[self.modalities[0]].temporal.proj.weight.dtype
         for m, x in features.items():
             if m not in self.specs:
                 continue
-            x = x.to(dtype)
+            x = self.normalizer(m, x, batch_masks.get(m) if m == "text" else None).to(dtype)
             if m == "text":
                 x, mask = fit_steps(x, batch_masks.get(m), self.steps_per_clip)
                 if not self.config.text_mask:

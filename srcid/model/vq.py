@@ -6,9 +6,9 @@ import torch
 from srcid.model.codebook import EMACodebook
 from srcid.model.config import QuantizerConfig
 from srcid.model.quantizers import (
-    CodebookQuantizer, QuantizerOutput, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
+    CodebookQuantizer, QuantizerOutput, distinct_codes, group_counts, mmema_commitment, mmema_mix, perplexity, straight_through,
 )
-from srcid.model.randomness import DEAD_CODE_STREAM, StepCounter, generator
+from srcid.model.randomness import DEAD_CODE_STREAM, INIT_STREAM, StepCounter, generator
 
 
 def stack_rows(z: dict, names: list) -> torch.Tensor:
@@ -19,7 +19,8 @@ def stack_rows(z: dict, names: list) -> torch.Tensor:
 class MMEMAQuantizer(CodebookQuantizer):
     """Nearest-code VQ over a shared codebook with MMEMA updates and MMEMA-modified commitment.
 
-    Per training step: assign every row with the current codebook (ties to the
+    On the first training step the codebook is initialised from that step's
+    features unless ``quantizer.init="uniform"``. Per training step: assign every row with the current codebook (ties to the
     lowest index); the output is straight-through; then EMA-update the codebook
     modality after modality (in ``modalities`` order) with the counts of that
     modality's assignments and the sums of the mixed vectors
@@ -39,10 +40,14 @@ class MMEMAQuantizer(CodebookQuantizer):
     def num_codes(self) -> int:
         return self.book.num_codes
 
-    def _train_step(self, z: dict, names: list) -> QuantizerOutput:
+    def _train_step(self, z: dict, names: list, pool: dict) -> QuantizerOutput:
         c = self.config
         rows = stack_rows(z, names)
         groups, n, dim = rows.shape
+        candidates = stack_rows(pool if pool is not None else z, names).reshape(-1, dim)
+        if not self.book.is_initialized:
+            self.book.init_from_rows(candidates, generator(self.seed, self.steps.value, INIT_STREAM, self.stream),
+                                     groups=groups)
         codebook = self.book.codebook.clone()  # the codebook this step assigns with (the update below is in place)
         mixed = mmema_mix(rows, c.mmema_own)
         found = self.book.assign(rows.reshape(-1, dim), values=mixed.reshape(-1, dim), groups=groups, stats=True)
@@ -50,7 +55,7 @@ class MMEMAQuantizer(CodebookQuantizer):
         codes = torch.nn.functional.embedding(found.indices, codebook).view(groups, n, dim)
         counts, sums = self._reduce([counts, sums])
         gen = generator(self.seed, self.steps.value, DEAD_CODE_STREAM, self.stream, device=codebook.device)
-        self.book.update(counts, sums, gen)
+        self.book.update(counts, sums, gen, pool=candidates)
         self.steps.advance()
         return self._output(z, names, codes, found.indices.view(groups, n), counts, codebook)
 
@@ -72,5 +77,6 @@ class MMEMAQuantizer(CodebookQuantizer):
             loss=mmema_commitment(z, q, c.beta, c.commit_own, c.commit_cross),
             perplexity={m: perplexity(counts[i]) for i, m in enumerate(names)},
             codes_used=(counts.sum(0) > 0).float().mean(),
+            codes={m: distinct_codes(counts[i]) for i, m in enumerate(names)},
             codebook=codebook,
         )
