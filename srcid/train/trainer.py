@@ -30,6 +30,7 @@ import torch
 
 from srcid.config import apply_overrides, from_dict, to_dict
 from srcid.errors import SrcidError
+from srcid.train.collapse import CollapseConfig, CollapseMonitor
 from srcid.train.warm_start import WarmStart, WarmStartConfig
 
 VARIANTS = ("srcid", "dcid", "dcid-fsq", "dcid-rvq2", "dcid-rvq3", "dcid-rvq4")
@@ -60,8 +61,10 @@ class RunConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     timeout_s: float = 120.0
+    input_stats_clips: int = 0  # clips read to fit the input normaliser before step 1 (0: the whole split)
     model: object = None  # srcid.model.config.ModelConfig
     warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
+    collapse: CollapseConfig = dataclasses.field(default_factory=CollapseConfig)
 
     def validate(self) -> "RunConfig":
         if self.variant not in VARIANTS:
@@ -81,10 +84,13 @@ class RunConfig:
             raise SrcidError(f"config key zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
         if self.num_workers < 0:
             raise SrcidError(f"config key num_workers: must be >= 0, got {self.num_workers}")
+        if self.input_stats_clips < 0:
+            raise SrcidError(f"config key input_stats_clips: must be >= 0 (0: the whole split), got {self.input_stats_clips}")
         if not (self.lr > 0 and self.grad_clip >= 0):
             raise SrcidError("config keys lr (> 0) and grad_clip (>= 0) are out of range")
         self.model.validate()
         self.warm_start.validate()
+        self.collapse.validate()
         return self
 
 
@@ -178,6 +184,8 @@ class Trainer:
         self.dist = dist_helpers
         self.rank, self.world_size, self.local_rank, self.device = dist_helpers.init_distributed(timeout_s=config.timeout_s)
         self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.gather = dist_helpers.BatchGather()
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Share the cores between the ranks of this machine instead of oversubscribing them.
             local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -193,6 +201,9 @@ class Trainer:
         )
         self.manifest = self.loader.manifest
         model = build_model_from_manifest(config.variant, config.model, self.manifest)
+        self.input_stats = None
+        if not resume and config.model.normalize_inputs:
+            self.input_stats = self._fit_input_stats(model)
         self.mi_fitter = build_mi_fitter(model)
         self.mi_fitter.estimator.to(self.device)
         dist_helpers.seed_everything(config.seed, self.rank)
@@ -214,11 +225,11 @@ class Trainer:
             message = " ".join(str(exc).split())[:300]
             raise SrcidError(f"{ds_config_path}: DeepSpeed rejected the config: {message}") from None
         self.model = self.engine.module
-        self.gather = dist_helpers.BatchGather()
         if self.world_size > 1:
             self.model.set_reduce_stats(dist_helpers.all_reduce_sum_)
             self.model.set_batch_gather(self.gather)
 
+        self.monitor = CollapseMonitor(config.collapse)
         self.warm = WarmStart(config.warm_start)
         if config.variant != "srcid":
             self.warm = None  # one-layer variants have no second stage
@@ -240,7 +251,8 @@ class Trainer:
             write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config))
         dist_helpers.barrier()
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
-        self.progress = progress and self.is_main
+        if self.input_stats is not None:
+            self.logger.event(0, "input_stats", self.input_stats)
 
     # -- state -------------------------------------------------------------------------------
     def layer2_weight(self) -> float:
@@ -254,6 +266,7 @@ class Trainer:
             "world_size": self.world_size,
             "warm_start": self.warm.state_dict() if self.warm is not None else None,
             "input_shapes": model_input_shapes(self.manifest),
+            "collapse": self.monitor.state_dict(),
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
@@ -289,12 +302,45 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         if self.warm is not None and state["warm_start"] is not None:
             self.warm.load_state_dict(state["warm_start"])
+        self.monitor.load_state_dict(state.get("collapse") or {})
+
+    def _fit_input_stats(self, model) -> dict:
+        """Fit the model's input normaliser on the training split (or its first ``input_stats_clips`` clips of
+        epoch 0), every rank reading its own part; the moments are summed across ranks. Returns a summary."""
+        import math
+
+        from tqdm import tqdm
+
+        steps = self.loader.steps_per_epoch()
+        clips = self.config.input_stats_clips
+        if clips:
+            steps = min(steps, max(1, math.ceil(clips / (self.config.batch_size * self.world_size))))
+
+        def reduce(flat):
+            flat.copy_(self.dist.all_reduce_sum_(flat.to(self.device)).cpu())
+
+        bar = tqdm(total=steps, disable=not self.progress, desc="input statistics", unit="step", dynamic_ncols=True)
+        read = torch.zeros(1, dtype=torch.float64)
+
+        def counted(batches):
+            for batch in batches:
+                read.add_(len(batch))
+                bar.update(1)
+                yield batch
+
+        model.fit_input_stats(counted(self._batches(self.loader.epoch(0), limit=steps)), reduce=reduce)
+        bar.close()
+        reduce(read)
+        return {"clips": int(read.item()), **model.normalizer.summary()}
 
     # -- the loop ----------------------------------------------------------------------------
-    def _batches(self):
-        """The rank's batches from the current position; read errors are agreed on by all ranks."""
-        iterator = iter(self.loader.epoch(self.epoch, start_step=self.step_in_epoch))
-        while True:
+    def _batches(self, source=None, limit=None):
+        """The rank's batches from the current position (or of ``source``, at most ``limit``); read errors are
+        agreed on by all ranks."""
+        iterator = iter(source if source is not None else self.loader.epoch(self.epoch, start_step=self.step_in_epoch))
+        count = 0
+        while limit is None or count < limit:
+            count += 1
             error = None
             try:
                 batch = next(iterator)
@@ -321,6 +367,10 @@ class Trainer:
     def _log(self, terms: dict, clips: int, elapsed: float) -> dict:
         scalars = {k: v for k, v in terms.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
         averaged = self.dist.all_reduce_mean(scalars)
+        for name, info in self.monitor.observe(self.step, averaged):
+            self.logger.event(self.step, name, info)
+            if self.is_main:
+                print(info["message"], file=sys.stderr)
         averaged["lr"] = self.engine.get_lr()[0]
         averaged["clips_per_s"] = clips * self.world_size / max(elapsed, 1e-9)
         averaged["layer2_weight"] = self.layer2_weight()

@@ -1,0 +1,113 @@
+"""Collapse seen while training (the monitor, then a real run), and the input statistics a run fits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from srcid.data.reader import ShardLoader
+from srcid.errors import SrcidError
+from srcid.model.normalize import STD_FLOOR
+from srcid.train.collapse import CollapseConfig, CollapseMonitor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scalars(codes=40.0, y=0.5, target=1.0, layer=1, modality="audio"):
+    return {f"L{layer}/codes/{modality}": codes, f"L{layer}/y_std/{modality}": y, f"L{layer}/target_std/{modality}": target,
+            "loss": 1.0}
+
+
+def test_a_condition_is_reported_once_after_patience_and_its_recovery_once():
+    monitor = CollapseMonitor(CollapseConfig(max_codes=2, min_y_rel=0.01, patience=20))
+    assert monitor.observe(10, scalars()) == []
+    assert monitor.observe(20, scalars(codes=2.0)) == []  # starts holding at 20
+    assert monitor.observe(30, scalars(codes=1.0)) == []
+    events = monitor.observe(40, scalars(codes=1.0))
+    assert [name for name, _ in events] == ["collapse"]
+    info = events[0][1]
+    assert info["kind"] == "codebook" and info["layer"] == 1 and info["modality"] == "audio" and info["since"] == 20
+    assert "layer 1 audio" in info["message"] and "since step 20" in info["message"]
+    assert monitor.observe(50, scalars(codes=1.0)) == []  # once
+    events = monitor.observe(60, scalars(codes=30.0))
+    assert [name for name, _ in events] == ["collapse_recovered"]
+    assert monitor.observe(70, scalars(codes=1.0)) == []  # a new run of the condition starts over
+
+
+def test_a_gap_restarts_the_patience():
+    monitor = CollapseMonitor(CollapseConfig(patience=20))
+    monitor.observe(10, scalars(codes=1.0))
+    monitor.observe(20, scalars(codes=5.0))
+    assert monitor.observe(30, scalars(codes=1.0)) == [] and monitor.observe(40, scalars(codes=1.0)) == []
+    assert [n for n, _ in monitor.observe(50, scalars(codes=1.0))] == ["collapse"]
+
+
+def test_flat_specific_output_is_relative_to_the_target_spread():
+    monitor = CollapseMonitor(CollapseConfig(min_y_rel=0.01, patience=0))
+    # the same y std is flat against a large target and alive against a small one
+    assert [i["kind"] for _, i in monitor.observe(1, scalars(y=0.05, target=10.0, layer=2, modality="video"))] == ["specific"]
+    other = CollapseMonitor(CollapseConfig(min_y_rel=0.01, patience=0))
+    assert other.observe(1, scalars(y=0.05, target=1.0, layer=2, modality="video")) == []
+
+
+def test_state_survives_a_resume_and_a_disabled_monitor_is_silent():
+    monitor = CollapseMonitor(CollapseConfig(patience=10))
+    monitor.observe(10, scalars(codes=1.0))
+    again = CollapseMonitor(CollapseConfig(patience=10))
+    again.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert [n for n, _ in again.observe(20, scalars(codes=1.0))] == ["collapse"]
+    assert CollapseMonitor(CollapseConfig(enabled=False, patience=0)).observe(1, scalars(codes=0.0)) == []
+
+
+@pytest.mark.parametrize("key,value", [("max_codes", -1), ("min_y_rel", -0.1), ("patience", -5)])
+def test_bad_settings_are_one_line_errors(key, value):
+    with pytest.raises(SrcidError, match=f"collapse.{key}"):
+        CollapseConfig(**{key: value}).validate()
+
+
+@pytest.fixture(scope="module")
+def forced_run(synth_dir, tmp_path_factory):
+    """A real tiny run where every layer and modality counts as collapsed (max_codes above the codebook size)."""
+    out = tmp_path_factory.mktemp("collapse") / "run"
+    cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--model", "srcid", "--preset", "tiny",
+           "--data", str(synth_dir / "pretrain"), "--out", str(out), "--max-steps", "8", "--quiet",
+           "--set", "batch_size=32", "--set", "log_every=2", "--set", "collapse.max_codes=1000",
+           "--set", "collapse.patience=2", "--set", "num_workers=0"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stderr
+
+
+def test_the_trainer_warns_and_writes_collapse_events(forced_run):
+    out, stderr = forced_run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    collapses = [e for e in events if e["name"] == "collapse"]
+    seen = {(e["info"]["layer"], e["info"]["modality"]) for e in collapses if e["info"]["kind"] == "codebook"}
+    assert seen == {(k, m) for k in (1, 2) for m in ("audio", "video", "text")}
+    assert all(e["step"] == 4 and e["info"]["since"] == 2 for e in collapses if e["info"]["kind"] == "codebook")
+    assert stderr.count("warning: layer ") == len(collapses)
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("L1/codes/audio", "L2/codes/text", "L1/y_std/video", "L1/target_std/video", "L2/y_std/audio"):
+        assert key in header, key
+
+
+def test_the_run_fits_input_statistics_over_the_whole_training_split(forced_run, synth_dir):
+    out, _ = forced_run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    stats = [e for e in events if e["name"] == "input_stats"]
+    assert len(stats) == 1 and stats[0]["info"]["clips"] == 224
+    weights = load_file(str(out / "model.safetensors"))
+    assert float(weights["normalizer.fitted"]) == 1.0
+    loader = ShardLoader(synth_dir / "pretrain", "train", batch_size=50, shuffle=False)
+    for m in ("audio", "video", "text"):
+        rows = []
+        for batch in loader.epoch(0):
+            x = batch.features[m].double().numpy()
+            rows.append(x[batch.masks[m].numpy()].reshape(-1, x.shape[-1]))
+        rows = np.concatenate(rows)
+        std = rows.std(0)
+        np.testing.assert_allclose(weights[f"normalizer.mean_{m}"].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weights[f"normalizer.std_{m}"].numpy(), np.maximum(std, std.mean() * STD_FLOOR), rtol=1e-5)
