@@ -2,8 +2,8 @@
 ``srcid inspect`` (a collapse check of a model's representations)."""
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -120,16 +120,41 @@ def _encode(args) -> int:
     return 0
 
 
+def _positive_number(name: str, value) -> float:
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise SrcidError(f"{name} {value}: must be a positive number")
+    return value
+
+
+def default_plot(json_path: Path) -> Path:
+    """The code-usage PNG beside an ``srcid inspect`` JSON: ``FILE.json`` -> ``FILE-codes.png``."""
+    return json_path.with_name(f"{json_path.stem}-codes.png")
+
+
 def _inspect(args) -> int:
     from srcid.data.manifest import load_manifest
     from srcid.data.reader import ShardLoader
     from srcid.eval.features import check_model_input, open_model
-    from srcid.eval.representations import representation_stats, to_markdown
+    from srcid.eval.representations import (
+        LIVE_REL, flag_summary, plot_code_usage, representation_stats, to_markdown,
+    )
 
     _positive("--clips", args.clips)
     _positive("--batch-size", args.batch_size)
-    if not args.live_std > 0:
-        raise SrcidError(f"--live-std {args.live_std}: must be positive")
+    _positive("--collapse-codes", args.collapse_codes)
+    if args.live_std is not None and args.live_rel is not None:
+        raise SrcidError(f"--live-std {args.live_std} and --live-rel {args.live_rel}: give one (--live-std is an "
+                         "absolute threshold that replaces the relative one)")
+    if args.live_std is not None:
+        _positive_number("--live-std", args.live_std)
+    live_rel = LIVE_REL if args.live_rel is None else _positive_number("--live-rel", args.live_rel)
+    if args.json is not None and args.json.is_dir():
+        raise SrcidError(f"--json {args.json}: is a folder; name the JSON file to write")
+    plot = args.plot if args.plot is not None else (None if args.json is None else default_plot(args.json))
+    if plot is not None and plot.is_dir():
+        raise SrcidError(f"--plot {plot}: is a folder; name the PNG file to write")
+    if plot is not None and args.json is not None and plot.resolve() == args.json.resolve():
+        raise SrcidError(f"--plot {plot}: the same file as --json")
     model, info, weights = open_model(args.run, args.device)
     device = next(model.parameters()).device
     manifest = load_manifest(args.data)
@@ -141,20 +166,28 @@ def _inspect(args) -> int:
                          modalities=tuple(model.input_shapes), tail="drop")
     steps = max(1, clips // loader.batch_size)
     batches = (batch.to(device) for _, batch in zip(range(steps), loader.epoch(0)))
-    stats = representation_stats(model, batches, live_std=args.live_std)
+    stats = representation_stats(model, batches, live_rel=live_rel, live_std=args.live_std,
+                                 collapse_codes=args.collapse_codes)
     step = info["extra"].get("step")
     read = steps * loader.batch_size
-    print(f"srcid inspect: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
-          f"{read} clips of {args.data} split {args.split}\n")
-    print(to_markdown(stats, args.live_std))
-    collapsed = [f"layer {s.layer} {s.modality}" for s in stats if s.collapsed]
-    if collapsed:
-        print(f"\ncollapsed specific outputs (no dimension varies by more than {args.live_std:g}): {', '.join(collapsed)}")
+    header = (f"srcid inspect: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
+              f"{read} clips of {args.data} split {args.split}")
+    print(header + "\n")
+    print(to_markdown(stats, live_rel, args.live_std))
+    flags = flag_summary(stats, live_rel=live_rel, live_std=args.live_std, collapse_codes=args.collapse_codes)
+    if flags:
+        print("\n" + "\n".join(flags))
+    if plot is not None:
+        plot_code_usage(stats, plot, title=header)
+        print(f"wrote {plot}")
     if args.json is not None:
         _write_json(args.json, {
             "command": "inspect", "model": {"path": str(weights), "variant": model.variant, "step": step},
-            "data": str(args.data), "split": args.split, "clips": read, "live_std": args.live_std,
-            "stats": [dict(dataclasses.asdict(s), collapsed=s.collapsed) for s in stats],
+            "data": str(args.data), "split": args.split, "clips": read,
+            "live_std": args.live_std, "live_rel": None if args.live_std is not None else live_rel,
+            "collapse_codes": args.collapse_codes, "plot": None if plot is None else str(plot),
+            "flagged": [{"layer": s.layer, "modality": s.modality, "flags": s.flags} for s in stats if s.flags],
+            "stats": [s.to_json() for s in stats],
         })
         print(f"wrote {args.json}")
     return 0
@@ -200,22 +233,32 @@ def register(sub) -> None:
     add_kernels_flag(p)
     p.set_defaults(func=_encode)
 
-    from srcid.eval.representations import LIVE_STD
+    from srcid.eval.representations import COLLAPSE_CODES, LIVE_REL
 
     p = sub.add_parser(
-        "inspect", help="a collapse check: code usage, specific-output spread and reconstruction per layer and modality",
-        description="Run a frozen model over clips of a dataset and report, per layer and modality, the codes used, "
-                    "how much the specific output varies (a collapsed one carries nothing and gives layer 2 "
-                    "nothing), and the reconstruction error absolute and relative to the target's variance.",
+        "inspect", help="a collapse check: code usage, specific-output spread, dead units and reconstruction per layer and modality",
+        description="Run a frozen model over clips of a dataset and report, per layer and modality, the codes used "
+                    "(flagging a collapsed codebook), how much the specific output varies (a dead one carries nothing "
+                    "and gives layer 2 nothing), the hidden ReLU units feeding it that never fire, and the "
+                    "reconstruction error absolute and relative to the target's variance; optionally a PNG of "
+                    "each code-usage histogram.",
     )
     p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
     p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR", help="a dataset carrying every modality of the model (e.g. the pretraining set)")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--clips", type=int, default=800, metavar="N", help="clips to read, in shard order (default: 800)")
     p.add_argument("--batch-size", type=int, default=200, metavar="N", help="clips per batch")
-    p.add_argument("--live-std", type=float, default=LIVE_STD, metavar="S",
-                   help=f"a specific-output dimension is live when its std exceeds S (default {LIVE_STD:g})")
+    p.add_argument("--collapse-codes", type=int, default=COLLAPSE_CODES, metavar="N",
+                   help=f"flag a collapsed codebook where at most N distinct codes are used (default {COLLAPSE_CODES})")
+    p.add_argument("--live-rel", type=float, default=None, metavar="R",
+                   help="a specific-output dimension is live when its std exceeds R times the mean per-feature std "
+                        f"of the layer's reconstruction target (default {LIVE_REL:g})")
+    p.add_argument("--live-std", type=float, default=None, metavar="S",
+                   help="instead of --live-rel: an absolute threshold, live when the std exceeds S")
     p.add_argument("--json", type=Path, default=None, metavar="FILE.json", help="also write the numbers as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="write the code-usage histograms as a PNG (default with --json: FILE-codes.png beside it; "
+                        "without --json: none)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     add_kernels_flag(p)
     p.set_defaults(func=_inspect)

@@ -13,8 +13,9 @@ invocations or other ``--only`` selections); a missing number is ``-``.
   are pooled: every table cell is the mean and sample std over all their
   runs (training seed x head seed; retrieval: training seeds).
 * The collapse check: per cell, layer and modality, the codes used, the
-  live dimensions of the specific output and the relative reconstruction
-  error (``srcid inspect``).
+  live dimensions of the specific output, the dead hidden units feeding it,
+  the relative reconstruction error and the kinds of collapse flagged
+  (collapsed codebook, dead y; ``srcid inspect``).
 """
 from __future__ import annotations
 
@@ -270,26 +271,52 @@ def _format_avg(avg: Optional[dict]) -> str:
     return format_cell(avg)
 
 
+def _live_rule(inspection: dict) -> str:
+    """How the inspection decided that a dimension of y is live (older JSONs carry only ``live_std``)."""
+    live_std, live_rel = inspection.get("live_std"), inspection.get("live_rel")
+    if live_std is not None:
+        return f"whose std exceeds {live_std:g}"
+    if live_rel is not None:
+        return f"whose std exceeds {live_rel:g} times the spread of the layer's reconstruction target"
+    return "that vary"
+
+
 def collapse_table(cells: dict) -> list:
-    """Markdown lines: per cell and layer, codes used, live specific dimensions and relative reconstruction error."""
+    """Markdown lines: per cell and layer, codes used, live specific dimensions, dead hidden units, relative
+    reconstruction error and the kinds of collapse flagged."""
     inspected = [r for r in cells.values() if r.inspection is not None]
     if not inspected:
         return ["No collapse checks yet."]
     modalities = list(dict.fromkeys(s["modality"] for r in inspected for s in r.inspection["stats"]))
     names = " / ".join(modalities)
-    live_std = inspected[0].inspection.get("live_std")
-    lines = [f"`srcid inspect` of each cell's model on {inspected[0].inspection.get('clips')} pretraining clips: "
-             f"different codes used, dimensions of the specific output y whose std exceeds {live_std:g} "
-             "(0 = collapsed: y carries nothing, CLUB's estimate for it is 0 by construction, and layer 2 reads a "
-             "constant), and the reconstruction error relative to the target's variance.",
+    first = inspected[0].inspection
+    collapse_codes = first.get("collapse_codes")
+    codebook_rule = ("" if collapse_codes is None else
+                     f" (*collapsed codebook*: at most {collapse_codes} distinct codes over every clip and step)")
+    lines = [f"`srcid inspect` of each cell's model on {first.get('clips')} pretraining clips: "
+             f"different codes used{codebook_rule}, dimensions of the specific output y {_live_rule(first)} "
+             "(0 = *dead y*: y carries nothing, CLUB's estimate for it is 0 by construction, and layer 2 reads a "
+             "constant), the share of the hidden ReLU units feeding y that never fire, the reconstruction error "
+             "relative to the target's variance, and the kinds of collapse flagged.",
              "",
-             f"| cell | layer | distinct codes ({names}) | live y dims ({names}) | recon MSE / target var ({names}) |",
-             "|---|:-:|---|---|---|"]
+             f"| cell | layer | distinct codes ({names}) | live y dims ({names}) | dead units ({names}) "
+             f"| recon MSE / target var ({names}) | flagged |",
+             "|---|:-:|---|---|---|---|---|"]
 
     def joined(stats, key, form):
         by_modality = {s["modality"]: s for s in stats}
-        return " / ".join("-" if m not in by_modality or by_modality[m][key] is None else form(by_modality[m])
+        return " / ".join("-" if by_modality.get(m, {}).get(key) is None else form(by_modality[m])
                           for m in modalities)
+
+    def flagged(stats):
+        kinds = {}
+        for s in stats:
+            flags = s.get("flags")
+            if flags is None:  # an older JSON: its 'collapsed' is the dead-y flag
+                flags = ["dead y"] if s.get("collapsed") else []
+            for flag in flags:
+                kinds.setdefault(flag, []).append(s["modality"])
+        return "; ".join(f"{flag}: {', '.join(found)}" for flag, found in kinds.items()) or "-"
 
     for result in inspected:
         stats = result.inspection["stats"]
@@ -297,8 +324,9 @@ def collapse_table(cells: dict) -> list:
             in_layer = [s for s in stats if s["layer"] == layer]
             codes = joined(in_layer, "distinct_codes", lambda s: str(s["distinct_codes"]))
             live = joined(in_layer, "specific_live_dims", lambda s: f"{s['specific_live_dims']}/{s['specific_dim']}")
+            dead = joined(in_layer, "dead_unit_fraction", lambda s: f"{100 * s['dead_unit_fraction']:.0f}%")
             recon = joined(in_layer, "recon_relative", lambda s: f"{s['recon_relative']:.2f}")
-            lines.append(f"| {result.cell.name} | {layer} | {codes} | {live} | {recon} |")
+            lines.append(f"| {result.cell.name} | {layer} | {codes} | {live} | {dead} | {recon} | {flagged(in_layer)} |")
     return lines
 
 
