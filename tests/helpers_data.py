@@ -120,3 +120,21 @@ def read_split(folder, split) -> dict:
                 records.setdefault(key, {})[name] = json.loads(data) if name == "meta.json" else np.load(io.BytesIO(data))
     assert len(records) == info["samples"]
     return records
+
+
+def assert_input_statistics_of_split(weights: dict, data_dir, split: str = "train") -> None:
+    """The normaliser buffers of exported ``weights`` equal the float64 moments of every real step of the split."""
+    from srcid.data.reader import ShardLoader
+    from srcid.model.normalize import STD_FLOOR
+
+    loader = ShardLoader(data_dir, split, batch_size=64, shuffle=False)
+    for m in loader.manifest.modalities:
+        rows = []
+        for batch in loader.epoch(0):
+            x = batch.features[m].double().numpy()
+            rows.append(x[batch.masks[m].numpy()].reshape(-1, x.shape[-1]))
+        rows = np.concatenate(rows)
+        std = rows.std(0)
+        np.testing.assert_allclose(weights[f"normalizer.mean_{m}"].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weights[f"normalizer.std_{m}"].numpy(), np.maximum(std, std.mean() * STD_FLOOR),
+                                   rtol=1e-5)

@@ -4,13 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from srcid.data.reader import ShardLoader
+from helpers_data import assert_input_statistics_of_split
 from srcid.errors import SrcidError
-from srcid.model.normalize import STD_FLOOR
 from srcid.train.collapse import CollapseConfig, CollapseMonitor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,13 +99,4 @@ def test_the_run_fits_input_statistics_over_the_whole_training_split(forced_run,
     assert len(stats) == 1 and stats[0]["info"]["clips"] == 224
     weights = load_file(str(out / "model.safetensors"))
     assert float(weights["normalizer.fitted"]) == 1.0
-    loader = ShardLoader(synth_dir / "pretrain", "train", batch_size=50, shuffle=False)
-    for m in ("audio", "video", "text"):
-        rows = []
-        for batch in loader.epoch(0):
-            x = batch.features[m].double().numpy()
-            rows.append(x[batch.masks[m].numpy()].reshape(-1, x.shape[-1]))
-        rows = np.concatenate(rows)
-        std = rows.std(0)
-        np.testing.assert_allclose(weights[f"normalizer.mean_{m}"].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(weights[f"normalizer.std_{m}"].numpy(), np.maximum(std, std.mean() * STD_FLOOR), rtol=1e-5)
+    assert_input_statistics_of_split(weights, synth_dir / "pretrain")

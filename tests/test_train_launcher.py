@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_data import edit_member, first_key, npy_bytes
+from helpers_data import assert_input_statistics_of_split, edit_member, first_key, npy_bytes
 from srcid.data.synth import synthesize
 from srcid.train.distributed import free_port
 from srcid.train.trainer import main as train_main
@@ -209,18 +209,6 @@ def test_resume_refuses_a_different_model_and_accumulation_needs_aligned_checkpo
 def test_two_ranks_fit_the_input_statistics_of_the_whole_split(full_run, data):
     """Each rank reads its half of the split; the summed moments are the whole split's, on both ranks (the
     replica check covers the second half of that)."""
-    from srcid.data.reader import ShardLoader
-    from srcid.model.normalize import STD_FLOOR
-
     stats = [e for e in events(full_run) if e["name"] == "input_stats"]
     assert len(stats) == 1 and stats[0]["info"]["clips"] == 224
-    weights = load_file(str(full_run / "model.safetensors"))
-    for m in ("audio", "video", "text"):
-        rows = []
-        for batch in ShardLoader(data, "train", batch_size=64, shuffle=False).epoch(0):
-            x = batch.features[m].double().numpy()
-            rows.append(x[batch.masks[m].numpy()].reshape(-1, x.shape[-1]))
-        rows = np.concatenate(rows)
-        std = rows.std(0)
-        np.testing.assert_allclose(weights[f"normalizer.mean_{m}"].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(weights[f"normalizer.std_{m}"].numpy(), np.maximum(std, std.mean() * STD_FLOOR), rtol=1e-5)
+    assert_input_statistics_of_split(load_file(str(full_run / "model.safetensors")), data)
