@@ -7,7 +7,7 @@ from pathlib import Path
 def _synth(args) -> int:
     from srcid.data.synth import synthesize
 
-    written = synthesize(args.preset, args.out, seed=args.seed)
+    written = synthesize(args.preset, args.out, seed=args.seed, style=args.style)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small")
     p.add_argument("--out", type=Path, required=True, help="folder that receives pretrain/, ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=("standard", "realistic"), default="standard",
+                   help="standard: standardized features, easy classes; realistic: the scales, offsets, sparsity and "
+                        "harder classes of real pre-extracted features (docs/SYNTHETIC-DATA.md)")
     p.set_defaults(func=_synth)
 
     p = data_sub.add_parser("check", help="validate a dataset (or a folder of datasets) against its manifest")

@@ -14,6 +14,14 @@ two-layer tanh network, together with a per-clip nuisance vector of its own,
 plus noise. Video renders a grid of cells: the event sits at a drifting
 random location over a spatial background pattern. Text renders the words of
 a per-class prompt sentence, one token per word.
+
+Two styles: ``standard`` stops there (every feature about mean 0, std 1, and
+classes easy to tell apart); ``realistic`` then passes the rendered features
+through :class:`Realism`, which gives them the scales, offsets and sparsity of
+real pre-extracted features (VGGish-like log-mel audio, sparse non-negative
+VGG19-pool5-like video, small-norm BERT-like text with a shared offset and
+outlier dimensions) and adds per-clip nuisance and noise so that classes
+overlap more.
 """
 from __future__ import annotations
 
@@ -132,6 +140,29 @@ NOISE_STD = {"audio": 0.3, "video": 0.3, "text": 0.15}  # after the renderer's u
 NUM_SCENES = 6
 AVVP_MODALITY = (("both", 0.55), ("audio", 0.25), ("video", 0.20))  # how an AVVP event shows
 
+STYLES = ("standard", "realistic")
+
+# realistic style (applied after rendering, see Realism); sizes are per feature dimension unless said otherwise
+# per-clip offset (std), constant over a clip's segments / cells / tokens; none for video, whose ReLU already loses
+# much of the class information (an offset of std 0.3 before it cuts the probe of docs/SYNTHETIC-DATA.md from ~50% to ~30%)
+REAL_CLIP_NUISANCE = {"audio": 1.0, "video": 0.0, "text": 0.3}
+# more independent noise per segment / cell / token; for video it also smooths the ReLU in expectation, so that
+# averaging over the grid keeps more of the class
+REAL_EXTRA_NOISE = {"audio": 0.5, "video": 1.6, "text": 0.15}
+REAL_AUDIO_OFFSET = (-5.0, 1.5)  # per-dimension offset: mean, std (log-mel energies are mostly negative)
+REAL_AUDIO_SCALE = (3.0, 0.2)  # per-dimension std: median, lognormal sigma
+REAL_AUDIO_LOUDNESS = 0.8  # per-clip gain (std), the same shift on every dimension of a clip
+REAL_VIDEO_THRESHOLD = (0.3, 0.3)  # per-channel ReLU threshold in units of the pre-activation std: mean, std
+REAL_VIDEO_DEAD = 0.06  # fraction of channels that are (nearly) always zero, at least one
+REAL_VIDEO_DEAD_THRESHOLD = 4.0
+REAL_VIDEO_SCALE = (0.5, 0.2)  # per-channel output scale: median, lognormal sigma (pool5 values are small)
+REAL_VIDEO_GAIN = 0.1  # per-clip contrast: lognormal sigma of a multiplicative gain before the ReLU
+REAL_TEXT_SCALE = (0.35, 0.15)  # per-dimension std: median, lognormal sigma
+REAL_TEXT_OFFSET = 0.4  # std of the entries of the offset vector shared by all tokens
+REAL_TEXT_OUTLIERS = 64  # one outlier dimension per this many dimensions (at least one)
+REAL_TEXT_OUTLIER_SCALE = 6.0  # outlier dimensions: std this many times the others'
+REAL_TEXT_OUTLIER_OFFSET = 3.0  # and an offset of this magnitude
+
 
 def class_names(count: int) -> list:
     """Names of the first ``count`` world classes: ``"<noun> <verb>"``, all distinct."""
@@ -168,11 +199,95 @@ class Renderer:
         return (self.raw(latent, bias) - self.mean) * self.scale
 
 
+def _lognormal(rng, median: float, sigma: float, size: int) -> np.ndarray:
+    return (median * np.exp(sigma * rng.standard_normal(size))).astype(np.float32)
+
+
+class Realism:
+    """The ``realistic`` style: fixed per-dimension scales, offsets and sparsity, plus per-clip nuisance.
+
+    Applied to the features that :func:`render` made (so classes, latents and
+    labels are those of the ``standard`` style), with random numbers of its
+    own, so the ``standard`` style is unchanged. Per modality:
+
+    * more independent noise, and for audio and text a per-clip nuisance
+      offset (constant over the clip's segments or tokens), so classes
+      overlap more (video gets no offset: its ReLU already loses much);
+    * audio, like VGGish log-mel features: ``offset_d + scale_d * x`` with
+      offsets around -5 and stds around 3, plus a per-clip loudness shift;
+    * video, like VGG19 pool5 maps: a per-clip contrast gain, a per-channel
+      threshold, a ReLU (about 60% exact zeros) and a small per-channel scale;
+      a few dead channels are (nearly) always zero;
+    * text, like BERT token features: small per-dimension stds, one offset
+      vector shared by all tokens, a few outlier dimensions with a large std
+      and offset.
+    """
+
+    def __init__(self, preset: Preset, seed: int):
+        rng = np.random.default_rng([seed, 0, 1])  # apart from the World's stream
+        da, dv, dt = preset.audio_dim, preset.video_dim, preset.text_dim
+        self.audio_offset = (REAL_AUDIO_OFFSET[0] + REAL_AUDIO_OFFSET[1] * rng.standard_normal(da)).astype(np.float32)
+        self.audio_scale = _lognormal(rng, *REAL_AUDIO_SCALE, da)
+        self.video_threshold = (REAL_VIDEO_THRESHOLD[0] + REAL_VIDEO_THRESHOLD[1] * rng.standard_normal(dv)).astype(np.float32)
+        dead = rng.choice(dv, max(1, round(REAL_VIDEO_DEAD * dv)), replace=False)
+        self.video_threshold[dead] = REAL_VIDEO_DEAD_THRESHOLD
+        self.video_dead = np.sort(dead)
+        self.video_scale = _lognormal(rng, *REAL_VIDEO_SCALE, dv)
+        self.text_scale = _lognormal(rng, *REAL_TEXT_SCALE, dt)
+        self.text_offset = (REAL_TEXT_OFFSET * rng.standard_normal(dt)).astype(np.float32)
+        outliers = rng.choice(dt, max(1, round(dt / REAL_TEXT_OUTLIERS)), replace=False)
+        self.text_scale[outliers] *= REAL_TEXT_OUTLIER_SCALE
+        self.text_offset[outliers] = REAL_TEXT_OUTLIER_OFFSET * rng.choice([-1.0, 1.0], len(outliers))
+        self.text_outliers = np.sort(outliers)
+
+    @staticmethod
+    def _unit(modality: str) -> float:
+        """1 / the std of a feature after render() and the nuisance and noise added here."""
+        return 1.0 / math.sqrt(1.0 + NOISE_STD[modality] ** 2 + REAL_CLIP_NUISANCE[modality] ** 2 + REAL_EXTRA_NOISE[modality] ** 2)
+
+    def __call__(self, rng, plans: list, rendered: list) -> list:
+        """Restyle each clip's features of :func:`render` in place; returns ``rendered``."""
+        has = {m: [b for b, plan in enumerate(plans) if m in plan.modalities] for m in ("audio", "video", "text")}
+        if has["audio"]:
+            x = np.stack([rendered[b]["audio"] for b in has["audio"]])  # [n, T, D]
+            n, D = len(x), x.shape[-1]
+            x = x + rng.standard_normal((n, 1, D), dtype=np.float32) * REAL_CLIP_NUISANCE["audio"]
+            x += rng.standard_normal(x.shape, dtype=np.float32) * REAL_EXTRA_NOISE["audio"]
+            loud = rng.standard_normal((n, 1, 1), dtype=np.float32) * REAL_AUDIO_LOUDNESS
+            x = self.audio_offset + self.audio_scale * (x * self._unit("audio")) + loud
+            for i, b in enumerate(has["audio"]):
+                rendered[b]["audio"] = x[i]
+        if has["video"]:
+            x = np.stack([rendered[b]["video"] for b in has["video"]])  # [n, T, G, G, D], worked on in place
+            n, D = len(x), x.shape[-1]
+            x += rng.standard_normal((n, 1, 1, 1, D), dtype=np.float32) * REAL_CLIP_NUISANCE["video"]
+            noise = rng.standard_normal(x.shape, dtype=np.float32)
+            noise *= REAL_EXTRA_NOISE["video"]
+            x += noise
+            del noise
+            gain = np.exp(rng.standard_normal((n, 1, 1, 1, 1), dtype=np.float32) * REAL_VIDEO_GAIN)
+            x *= self._unit("video") * gain  # a per-clip contrast
+            x -= self.video_threshold
+            np.maximum(x, 0.0, out=x)  # the ReLU
+            x *= self.video_scale
+            for i, b in enumerate(has["video"]):
+                rendered[b]["video"] = x[i]
+        for b in has["text"]:
+            x = rendered[b]["text"]  # [S, D]
+            x = x + rng.standard_normal((1, x.shape[-1]), dtype=np.float32) * REAL_CLIP_NUISANCE["text"]
+            x += rng.standard_normal(x.shape, dtype=np.float32) * REAL_EXTRA_NOISE["text"]
+            rendered[b]["text"] = self.text_offset + self.text_scale * (x * self._unit("text"))
+        return rendered
+
+
 class World:
     """Everything shared by the datasets of one :func:`synthesize` call."""
 
-    def __init__(self, preset: Preset, seed: int):
-        self.preset, self.seed = preset, seed
+    def __init__(self, preset: Preset, seed: int, style: str = "standard"):
+        if style not in STYLES:
+            raise SrcidError(f"unknown style {style!r}; valid: {', '.join(STYLES)}")
+        self.preset, self.seed, self.style = preset, seed, style
+        self.realism = Realism(preset, seed) if style == "realistic" else None
         rng = np.random.default_rng([seed, 0])
         p = preset
         L = p.latent_dim
@@ -436,28 +551,39 @@ def write_dataset(world: World, name: str, out, progress=None) -> Path:
     shapes = _shapes(preset)
     classes = [world.class_names[i] for i in world.subsets[name]]
     source = f"synth:{preset.name}:seed={seed}"
+    manifest_name = f"synthetic-{name}"
+    if world.style != "standard":
+        source += f":style={world.style}"
+        manifest_name = f"synthetic-{world.style}-{name}"
     folder = Path(out) / name
     dataset_index = DATASETS.index(name) + 1
     total = sum(preset.splits[name].values())
-    with DatasetWriter(folder, name=f"synthetic-{name}", modalities={m: shapes[m] for m in modalities}, classes=classes,
+    with DatasetWriter(folder, name=manifest_name, modalities={m: shapes[m] for m in modalities}, classes=classes,
                        tasks=tasks, max_samples_per_shard=preset.shard_size) as writer, \
             tqdm(total=total, desc=f"synth {name}", unit="clip", disable=None if progress is None else not progress) as bar:
         for split_index, (split, plan_fn) in enumerate(split_plans.items()):
             rng = np.random.default_rng([seed, dataset_index, split_index])
+            style_rng = np.random.default_rng([seed, dataset_index, split_index, 1])  # used by the realistic style only
             count = preset.splits[name][split]
             for first in range(0, count, CHUNK):
                 plans = [plan_fn(rng) for _ in range(min(CHUNK, count - first))]
-                for i, (plan, rendered) in enumerate(zip(plans, render(world, rng, plans))):
+                clips = render(world, rng, plans)
+                if world.realism is not None:
+                    clips = world.realism(style_rng, plans, clips)
+                for i, (plan, rendered) in enumerate(zip(plans, clips)):
                     features = {m: rendered[m] for m in plan.modalities}
                     writer.write(split, f"{split}-{first + i:06d}", features, _meta(plan, rendered, source))
                 bar.update(len(plans))
     return folder / "dataset.json"
 
 
-def synthesize(preset, out, seed: int = 0, *, progress=None) -> list:
+def synthesize(preset, out, seed: int = 0, *, progress=None, style: str = "standard") -> list:
     """Write the six synthetic datasets of ``preset`` under ``out``; returns their manifest paths.
 
-    ``progress``: show tqdm bars (``None``: only on a terminal).
+    ``progress``: show tqdm bars (``None``: only on a terminal). ``style``:
+    ``"standard"`` (standardized features, easy classes) or ``"realistic"``
+    (the scales, offsets, sparsity and harder classes of real pre-extracted
+    features; see :class:`Realism` and docs/SYNTHETIC-DATA.md).
     """
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -465,5 +591,5 @@ def synthesize(preset, out, seed: int = 0, *, progress=None) -> list:
         preset = PRESETS[preset]
     if not isinstance(seed, int) or seed < 0:
         raise SrcidError(f"seed must be a non-negative integer, got {seed!r}")
-    world = World(preset, seed)
+    world = World(preset, seed, style)
     return [write_dataset(world, name, out, progress) for name in DATASETS]
