@@ -150,3 +150,53 @@ def test_export_carries_the_statistics_and_an_old_state_loads_as_the_identity(tm
     twin = tiny()
     twin.load_state_dict(old)
     assert not twin.normalizer.is_fitted and float(twin.normalizer.fitted) == 0.0
+
+
+@pytest.fixture(scope="module")
+def realistic_dir(tmp_path_factory):
+    from srcid.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("realistic")
+    synthesize("tiny", out, seed=0, progress=False, style="realistic")
+    return out / "pretrain"
+
+
+def codes_after_training(data, *, normalize: bool, seed: int, steps: int = 12) -> dict:
+    """Distinct layer-1 codes per modality on the val split after a few DCID training steps."""
+    from srcid.data.reader import ShardLoader
+    from srcid.model import build_mi_fitter, build_model_from_manifest
+    from srcid.train.step import build_optimizer, train_step
+
+    torch.manual_seed(seed)
+    cfg = model_config("tiny")
+    cfg.normalize_inputs = normalize
+    loader = ShardLoader(data, "train", batch_size=32, shuffle=True, seed=seed)
+    model = build_model_from_manifest("dcid", cfg, loader.manifest)
+    assert model.fit_input_stats(loader.epoch(0)) is normalize
+    fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
+    done, epoch = 0, 0
+    while done < steps:
+        for batch in loader.epoch(epoch):
+            train_step(model, fitter, optimizer, batch, layer2_weight=0.0)
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    model.eval()
+    codes = {}
+    with torch.no_grad():
+        for batch in ShardLoader(data, "val", batch_size=32, shuffle=False).epoch(0):
+            for m, idx in model(batch).layers[0].indices.items():
+                codes.setdefault(m, set()).update(idx.reshape(-1).tolist())
+    return {m: len(v) for m, v in codes.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_raw_scale_features_normalisation_multiplies_code_use(realistic_dir, seed):
+    """The realistic synthetic features (audio around -5 with std 3, sparse video, small text) collapse the
+    codebook when fed raw; standardised, the same training uses several times as many codes."""
+    raw = codes_after_training(realistic_dir, normalize=False, seed=seed)
+    normalised = codes_after_training(realistic_dir, normalize=True, seed=seed)
+    assert sum(normalised.values()) >= 1.5 * sum(raw.values()), (raw, normalised)
+    for m in ("audio", "video"):
+        assert normalised[m] > raw[m], (raw, normalised)
