@@ -153,3 +153,20 @@ def test_rvq_stages_initialise_on_the_residuals_of_the_earlier_stages():
     want[0] = 0.0
     torch.testing.assert_close(q.books[0].codebook, start)
     torch.testing.assert_close(q.books[1].codebook, want)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("init", "bogus", "choose one of kmeans, sample, uniform"),
+    ("dead_code", "never", "choose one of ema, steps"),
+    ("dead_code_source", "random", "choose one of batch, active_code"),
+    ("dead_code_threshold", 1.5, r"must lie in \[0, 1\)"),
+    ("kmeans_iters", -1, "must be an integer >= 0"),
+])
+def test_bad_codebook_options_are_one_line_errors(key, value, message):
+    from srcid.errors import SrcidError
+    from srcid.model.config import model_config
+
+    config = model_config("tiny")
+    setattr(config.quantizer, key, value)
+    with pytest.raises(SrcidError, match=f"quantizer.{key}=.*{message}"):
+        config.validate()
