@@ -28,9 +28,13 @@ def batches(synth_dir, batch_size=24, count=2):
 
 
 def model_for(synth_dir, variant, seed=0):
+    """A tiny model; ``srcid-map`` is SRCID with ``video_specific="map"``."""
     torch.manual_seed(seed)
     loader = ShardLoader(synth_dir / "pretrain", "train", batch_size=1)
-    return build_model_from_manifest(variant, model_config("tiny"), loader.manifest)
+    config = model_config("tiny")
+    if variant.endswith("-map"):
+        variant, config.video_specific = variant[:-4], "map"
+    return build_model_from_manifest(variant, config, loader.manifest)
 
 
 def _hidden_activations(encoder, target):
@@ -39,6 +43,8 @@ def _hidden_activations(encoder, target):
         return None  # y = relu(linear(x)): y's own units, read from the forward output
     b, t, h, w, c = target.shape
     maps = encoder.convs(target.reshape(b * t, h, w, c).permute(0, 3, 1, 2))
+    if encoder.head is None:  # video "map": a channel fires where any cell of its (ReLU'd) map is positive
+        return maps.amax(dim=(2, 3))
     return encoder.head[0](maps.mean(dim=(2, 3)))
 
 
@@ -97,7 +103,7 @@ def check_against_numpy(stats, expected):
             assert getattr(s, name) == pytest.approx(e[name], rel=1e-6, abs=1e-9), (s.layer, s.modality, name)
 
 
-@pytest.mark.parametrize("variant", ["srcid", "dcid-rvq2", "dcid-fsq"])
+@pytest.mark.parametrize("variant", ["srcid", "srcid-map", "dcid-rvq2", "dcid-fsq"])
 def test_stats_match_numpy(synth_dir, variant):
     model = model_for(synth_dir, variant)
     model.train()
@@ -125,7 +131,11 @@ def test_stats_match_numpy(synth_dir, variant):
     # the hidden units: y's own for vectors, the head's hidden layer for video
     assert audio.hidden_units == audio.specific_dim
     video = next(s for s in stats if s.modality == "video")
-    assert video.hidden_units == model.layers[0].specific["video"].head[0].out_features
+    encoder = model.layers[0].specific["video"]
+    if variant == "srcid-map":  # the pooled map is y: its channels are the units
+        assert encoder.head is None and video.hidden_units == video.specific_dim == model.config.video_conv
+    else:
+        assert video.hidden_units == encoder.head[0].out_features
 
 
 def test_absolute_live_threshold_overrides_the_relative_one(synth_dir):

@@ -16,7 +16,9 @@ A collapse check, flagging each kind of collapse per layer and modality:
 * **dead units**: the fraction of the hidden ReLU units feeding ``y`` that
   never fire on any real step read (vector inputs: ``y = relu(linear(x))``'s
   own units; video grids: the hidden units of the ``Linear -> ReLU -> Linear``
-  head). They are read with forward hooks, so the model is not changed.
+  head, or with ``video_specific="map"`` the channels of the pooled map, a
+  channel firing where any grid cell does). They are read with forward hooks,
+  so the model is not changed.
 
 A learned reconstruction target (text: the BiLSTM output) can shrink until its
 reconstruction error is small for no merit; the error relative to the
@@ -214,13 +216,17 @@ def hidden_relu_module(encoder: nn.Module) -> Optional[nn.Module]:
     :class:`~srcid.model.encoders.VectorSpecificEncoder` (``y = relu(linear(x))``): its ``linear`` (a unit
     fires when its pre-activation is positive); an encoder with a ``head`` ``nn.Sequential`` holding a ReLU
     before its last module (:class:`~srcid.model.encoders.VideoSpecificEncoder`: ``Linear -> ReLU -> Linear``):
-    that ReLU. ``None`` for anything else.
+    that ReLU; a video encoder without a head (``video_specific="map"``): its residual stack, whose ReLU'd
+    channels y pools. ``None`` for anything else.
     """
     from srcid.model.encoders import VectorSpecificEncoder
 
     if isinstance(encoder, VectorSpecificEncoder) and isinstance(getattr(encoder, "linear", None), nn.Linear):
         return encoder.linear
     head = getattr(encoder, "head", None)
+    convs = getattr(encoder, "convs", None)
+    if head is None and isinstance(convs, nn.Sequential) and len(convs):
+        return convs[-1]  # video "map": y pools the residual stack's ReLU output; a channel fires if any cell > 0
     if isinstance(head, nn.Sequential):
         relus = [module for module in list(head)[:-1] if isinstance(module, nn.ReLU)]
         if relus:
@@ -255,7 +261,10 @@ def representation_stats(model, batches: Iterable, *, live_rel: float = LIVE_REL
 
     def capture(key):
         def hook(module, inputs, output):
-            captured[key] = output.detach() if isinstance(output, torch.Tensor) else None
+            if not isinstance(output, torch.Tensor):
+                captured[key] = None
+            else:  # a conv map [rows, channels, h, w]: a channel fires where any of its cells does
+                captured[key] = (output.amax(dim=(2, 3)) if output.dim() == 4 else output).detach()
         return hook
 
     hooked = set()

@@ -15,6 +15,7 @@ CLUB_ESTIMATORS = ("all_pairs", "sampled")
 CODEBOOK_INITS = ("kmeans", "sample", "uniform")
 DEAD_CODE_RULES = ("ema", "steps")
 DEAD_CODE_SOURCES = ("batch", "active_code")
+VIDEO_SPECIFIC = ("head", "map")
 
 
 @dataclass
@@ -103,6 +104,9 @@ class ModelConfig:
     text_mask: bool = True  # honour the text mask (BiLSTM per clip length, key padding, masked reconstruction)
     video_conv: int = 2048  # channels of the video specific conv stack (its first conv has half)
     video_se_reduction: int = 8  # squeeze-excite bottleneck: channels // reduction
+    # The video specific output (CLUB's y, layer 2's input): "head" (the authors' code: a Linear-ReLU-Linear head
+    # on the pooled conv map that only CLUB trains before layer 2 is on) or "map" (the pooled map the decoder reads)
+    video_specific: str = "head"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     cpc: CPCConfig = field(default_factory=CPCConfig)
@@ -146,6 +150,7 @@ class ModelConfig:
         need(0.0 <= q.dead_code_threshold < 1.0, "quantizer.dead_code_threshold", "must lie in [0, 1)")
         need(q.dead_code_source in DEAD_CODE_SOURCES, "quantizer.dead_code_source",
              f"choose one of {', '.join(DEAD_CODE_SOURCES)}")
+        need(self.video_specific in VIDEO_SPECIFIC, "video_specific", f"choose one of {', '.join(VIDEO_SPECIFIC)}")
         need(self.club.estimator in CLUB_ESTIMATORS, "club.estimator", f"choose one of {', '.join(CLUB_ESTIMATORS)}")
         return self
 

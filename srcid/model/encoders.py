@@ -152,26 +152,36 @@ class ResidualStack(nn.Module):
 
 
 class VideoSpecificEncoder(nn.Module):
-    """Psi for video grids: 3x3 valid convs (H -> H-4), 1x1 conv, a residual block, and a head.
+    """Psi for video grids: 3x3 valid convs (H -> H-4), 1x1 conv, a residual block, then y.
 
-    Returns ``(y, grid)``: ``y`` ``[B, T, C]`` (avg-pool, Linear, ReLU, Linear) is
-    CLUB's y and layer 2's input; ``grid`` ``[B, T, H-4, W-4, K]`` feeds the decoder.
+    Returns ``(y, grid)``: ``grid`` ``[B, T, H-4, W-4, K]`` feeds the decoder;
+    ``y`` ``[B, T, Dy]`` is CLUB's y and layer 2's input. ``specific="head"``
+    (the authors' code): ``y`` = avg-pool, Linear, ReLU, Linear (``Dy = C``, the
+    input channels), a head that only CLUB trains before layer 2 switches on.
+    ``specific="map"`` (the paper's one specific output per modality): ``y`` =
+    the average-pooled grid the decoder reads (``Dy = K``), so reconstruction
+    trains it.
     """
 
-    def __init__(self, channels: int, conv: int):
+    def __init__(self, channels: int, conv: int, specific: str = "head"):
         super().__init__()
-        self.out_dim = channels
         self.convs = nn.Sequential(
             nn.Conv2d(channels, conv // 2, 3), nn.ReLU(),
             nn.Conv2d(conv // 2, conv, 3), nn.ReLU(),
             nn.Conv2d(conv, conv, 1),
             ResidualStack(conv, 1),
         )
-        self.head = nn.Sequential(nn.Linear(conv, conv // 2), nn.ReLU(), nn.Linear(conv // 2, channels))
+        if specific == "head":
+            self.head = nn.Sequential(nn.Linear(conv, conv // 2), nn.ReLU(), nn.Linear(conv // 2, channels))
+            self.out_dim = channels
+        else:
+            self.head = None
+            self.out_dim = conv
 
     def forward(self, grid: torch.Tensor):
         b, t, h, w, c = grid.shape
         maps = self.convs(grid.reshape(b * t, h, w, c).permute(0, 3, 1, 2))  # [BT, K, h', w']
-        y = self.head(maps.mean(dim=(2, 3))).reshape(b, t, -1)
+        pooled = maps.mean(dim=(2, 3))
+        y = (pooled if self.head is None else self.head(pooled)).reshape(b, t, -1)
         maps = maps.permute(0, 2, 3, 1)
         return y, maps.reshape(b, t, *maps.shape[1:])

@@ -54,7 +54,7 @@ class DisentangleLayer(nn.Module):
         for m, shape in in_shapes.items():
             self.general[m] = GeneralEncoder(shape, config)
             if len(shape) == 3:
-                self.specific[m] = VideoSpecificEncoder(shape[-1], config.video_conv)
+                self.specific[m] = VideoSpecificEncoder(shape[-1], config.video_conv, config.video_specific)
                 self.decoders[m] = VideoDecoder(config.hidden, config.video_conv, shape[-1])
             else:
                 out = specific_dim or shape[0]
