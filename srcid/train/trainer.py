@@ -41,12 +41,26 @@ TRAIN_STATE_FILE = "train_state.json"
 CLUB_STATE_FILE = "club.pt"
 
 
+# Profiles: named sets of run-config settings, applied before the command line's own --set items (which win).
+PROFILES = {
+    "default": (),
+    # every choice of the authors' code that the project offers as an option (docs/METHOD.md)
+    "authors": (
+        "model.normalize_inputs=false", "model.quantizer.init=uniform", "model.quantizer.dead_code=steps",
+        "model.quantizer.dead_code_source=active_code", "model.video_specific=head", "model.text_mask=false",
+        "model.club.estimator=sampled", "model.cpc.lstm_layers=2", "model.weights.average_layers=false",
+        "warm_start.mode=epoch", "warm_start.switch_epoch=3", "warm_start.epoch_layer2_weight=0.3",
+    ),
+}
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Everything a training run is made of; ``--set key=value`` reaches every leaf."""
 
     variant: str = "srcid"
     preset: str = "small"
+    profile: str = "default"  # a named set of settings (PROFILES), applied before --set; "authors": the authors' code
     split: str = "train"
     epochs: int = 6
     max_steps: Optional[int] = None
@@ -71,6 +85,8 @@ class RunConfig:
             raise SrcidError(f"--model {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.preset not in PRESETS:
             raise SrcidError(f"--preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if self.profile not in PROFILES:
+            raise SrcidError(f"config key profile={self.profile!r}: choose one of {', '.join(PROFILES)}")
         for name in ("epochs", "batch_size", "gradient_accumulation", "log_every", "checkpoint_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise SrcidError(f"config key {name}: must be >= 1, got {getattr(self, name)}")
@@ -128,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed_config", type=Path, default=None,
                         help="DeepSpeed JSON config (default: launcher/ds_config_gpu.json on CUDA, ds_config_cpu.json otherwise)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any run-config key, e.g. --set batch_size=40 --set model.codebook.size=512 "
-                             "--set warm_start.mode=epoch (an unknown key lists the valid ones)")
+                        help="override any run-config key, e.g. --set batch_size=40 --set model.quantizer.codebook_size=512 "
+                             "--set warm_start.mode=epoch (an unknown key lists the valid ones); --set profile=authors "
+                             "selects every choice of the authors' code at once")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -162,7 +179,21 @@ def resolve_config(args) -> RunConfig:
         config.max_steps = args.max_steps
     if args.epochs is not None:
         config.epochs = args.epochs
-    apply_overrides(config, args.overrides)
+    return apply_profile_and_overrides(config, args.overrides)
+
+
+def apply_profile_and_overrides(config: RunConfig, overrides: list) -> RunConfig:
+    """``--set`` items on ``config``: a ``profile=NAME`` item first brings in that profile's settings, then every
+    other item is applied in order, so an explicit setting wins over the profile's."""
+    profiles = [item.split("=", 1)[1].strip() for item in overrides if item.split("=", 1)[0].strip() == "profile"]
+    rest = [item for item in overrides if item.split("=", 1)[0].strip() != "profile"]
+    if profiles:
+        name = profiles[-1]
+        if name not in PROFILES:
+            raise SrcidError(f"--set profile={name}: choose one of {', '.join(PROFILES)}")
+        config.profile = name
+        apply_overrides(config, list(PROFILES[name]))
+    apply_overrides(config, rest)
     return config.validate()
 
 

@@ -1,0 +1,36 @@
+"""Profiles: one --set item that selects a named set of run-config settings (the authors' code)."""
+import pytest
+
+from srcid.errors import SrcidError
+from srcid.train.trainer import PROFILES, build_parser, resolve_config
+
+
+def resolve(tmp_path, *items):
+    args = build_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                      *[x for item in items for x in ("--set", item)]])
+    return resolve_config(args)
+
+
+def test_authors_profile_sets_every_authors_choice(tmp_path):
+    config = resolve(tmp_path, "profile=authors")
+    m = config.model
+    assert config.profile == "authors"
+    assert m.normalize_inputs is False and m.quantizer.init == "uniform" and m.quantizer.dead_code == "steps"
+    assert m.quantizer.dead_code_source == "active_code" and m.video_specific == "head" and m.text_mask is False
+    assert m.club.estimator == "sampled" and m.cpc.lstm_layers == 2 and m.weights.average_layers is False
+    assert config.warm_start.mode == "epoch" and config.warm_start.switch_epoch == 3
+    assert config.warm_start.epoch_layer2_weight == pytest.approx(0.3)
+    assert len(PROFILES["authors"]) == 12
+
+
+def test_default_profile_changes_nothing_and_explicit_settings_win(tmp_path):
+    plain = resolve(tmp_path)
+    assert plain.profile == "default" and plain.model.normalize_inputs is True and plain.model.quantizer.init == "kmeans"
+    # an explicit item wins over the profile's, whatever its position on the command line
+    config = resolve(tmp_path, "model.normalize_inputs=true", "profile=authors")
+    assert config.model.normalize_inputs is True and config.model.quantizer.init == "uniform"
+
+
+def test_unknown_profile_lists_the_valid_ones(tmp_path):
+    with pytest.raises(SrcidError, match="profile=bogus: choose one of default, authors"):
+        resolve(tmp_path, "profile=bogus")
