@@ -16,6 +16,7 @@ CODEBOOK_INITS = ("kmeans", "sample", "uniform")
 DEAD_CODE_RULES = ("ema", "steps")
 DEAD_CODE_SOURCES = ("batch", "active_code")
 VIDEO_SPECIFIC = ("head", "map")
+TEXT_TARGETS = ("lstm", "features")
 
 
 @dataclass
@@ -115,6 +116,12 @@ class ModelConfig:
     normalize_inputs: bool = True  # standardise each input feature with pretraining-split moments (false: raw, as the authors)
     layer2_run_when_off: bool = True  # run layer 2 (forward and codebook EMA) while its loss weight is 0
     layer2_detach_input: bool = False  # stop layer-2 gradients at layer 1's specific output
+    # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
+    # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
+    layer2_detach_target: bool = False
+    # layer 1's text reconstruction target: "lstm" (the jointly trained BiLSTM output, the authors' code) or
+    # "features" (the input token features, the paper's "reconstruct the input"; real steps only)
+    text_target: str = "lstm"
     check_finite: bool = True  # reject batches holding NaN/Inf (one reduction and one sync per step)
     seed: int = 43  # seeds the model's own draws: CPC time step, dead-code resets, CLUB shuffles
 
@@ -150,6 +157,7 @@ class ModelConfig:
         need(0.0 <= q.dead_code_threshold < 1.0, "quantizer.dead_code_threshold", "must lie in [0, 1)")
         need(q.dead_code_source in DEAD_CODE_SOURCES, "quantizer.dead_code_source",
              f"choose one of {', '.join(DEAD_CODE_SOURCES)}")
+        need(self.text_target in TEXT_TARGETS, "text_target", f"choose one of {', '.join(TEXT_TARGETS)}")
         need(self.video_specific in VIDEO_SPECIFIC, "video_specific", f"choose one of {', '.join(VIDEO_SPECIFIC)}")
         need(self.club.estimator in CLUB_ESTIMATORS, "club.estimator", f"choose one of {', '.join(CLUB_ESTIMATORS)}")
         return self

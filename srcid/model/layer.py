@@ -40,10 +40,12 @@ class DisentangleLayer(nn.Module):
     ``in_shapes[m]`` is the per-step input shape: ``(D_in,)`` or ``(H, W, C)``.
     ``specific_dim``: output size of vector specific encoders (``None``: keep the
     input size, as layer 2 does). Video grids get the conv-stack specific
-    encoder, whose y is a ``C``-d vector.
+    encoder, whose y is a ``C``-d vector. ``target_dims[m]``: the size of a vector modality's reconstruction
+    target when it is not the layer's input (text with ``text_target="features"``).
     """
 
-    def __init__(self, in_shapes: dict, config: ModelConfig, quantizer: Quantizer, *, specific_dim: Optional[int]):
+    def __init__(self, in_shapes: dict, config: ModelConfig, quantizer: Quantizer, *, specific_dim: Optional[int],
+                 target_dims: Optional[dict] = None):
         super().__init__()
         self.modalities = tuple(in_shapes)
         self.in_shapes = dict(in_shapes)
@@ -59,13 +61,15 @@ class DisentangleLayer(nn.Module):
             else:
                 out = specific_dim or shape[0]
                 self.specific[m] = VectorSpecificEncoder(shape[0], out)
-                self.decoders[m] = VectorDecoder(config.hidden, out, shape[0])
+                self.decoders[m] = VectorDecoder(config.hidden, out, (target_dims or {}).get(m, shape[0]))
             self.specific_dims[m] = self.specific[m].out_dim
         self.quantizer = quantizer
         self.cpc = CrossModalCPC(self.modalities, config.hidden, config.cpc)
         self.hidden = config.hidden
 
-    def forward(self, inputs: dict, masks: dict, *, update: bool, cpc_step: int, gather=None) -> LayerOutput:
+    def forward(self, inputs: dict, masks: dict, *, update: bool, cpc_step: int, gather=None,
+                targets: Optional[dict] = None) -> LayerOutput:
+        """One layer on ``inputs``; the decoders rebuild ``targets`` (default: the inputs)."""
         general = {m: self.general[m](inputs[m], masks.get(m)) for m in self.modalities}
         specific, decoder_inputs = {}, {}
         for m in self.modalities:
@@ -77,7 +81,7 @@ class DisentangleLayer(nn.Module):
         q = self.quantizer(general, update=update, pool=pool)
         reconstructions = {m: self.decoders[m](q.quantized[m], decoder_inputs[m]) for m in self.modalities}
         return LayerOutput(
-            targets=dict(inputs), masks={m: masks[m] for m in self.modalities if m in masks},
+            targets=dict(inputs) if targets is None else dict(targets), masks={m: masks[m] for m in self.modalities if m in masks},
             general=general, specific=specific, quantized=q.quantized, indices=q.indices, commitment=q.loss,
             reconstructions=reconstructions, cpc=self.cpc(cpc_inputs, cpc_step), cpc_step=cpc_step,
             perplexity=q.perplexity, codes_used=q.codes_used, codes=q.codes, codebook=q.codebook,

@@ -68,7 +68,9 @@ class SrcidModel(nn.Module):
                 shapes[m] = (self.text_frontend.out_dim,)
             else:
                 shapes[m] = spec.feature_shape
-        layers = [DisentangleLayer(shapes, config, make_quantizer(0, self.modalities, config.hidden), specific_dim=config.specific)]
+        text_features = config.text_target == "features" and "text" in self.specs
+        layers = [DisentangleLayer(shapes, config, make_quantizer(0, self.modalities, config.hidden), specific_dim=config.specific,
+                                   target_dims={"text": self.specs["text"].shape[-1]} if text_features else None)]
         for k in range(1, num_layers):
             shapes = {m: (layers[-1].specific_dims[m],) for m in self.modalities}
             layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None))
@@ -84,15 +86,22 @@ class SrcidModel(nn.Module):
         In training mode the codebooks are EMA-updated and the step advances.
         """
         check_batch(batch, self.specs, check_finite=self.config.check_finite, variant=self.variant)
-        inputs, masks = self._prepare(batch.features, batch.masks)
+        inputs, masks, features = self._prepare(batch.features, batch.masks)
         update = self.training
         step = self.steps.value
         outputs = []
+        config = self.config
         for k, layer in enumerate(self.layers[: num_layers or len(self.layers)]):
+            targets = None
+            if k == 0 and config.text_target == "features" and "text" in features:
+                targets = {**inputs, "text": features["text"]}
             if k > 0:
                 previous = outputs[-1].specific
-                inputs = {m: y.detach() if self.config.layer2_detach_input else y for m, y in previous.items()}
-            outputs.append(layer(inputs, masks, update=update, cpc_step=self.cpc_step(step, k), gather=self.batch_gather))
+                inputs = {m: y.detach() if config.layer2_detach_input else y for m, y in previous.items()}
+                if config.layer2_detach_target:
+                    targets = {m: y.detach() for m, y in previous.items()}
+            outputs.append(layer(inputs, masks, update=update, cpc_step=self.cpc_step(step, k), gather=self.batch_gather,
+                                 targets=targets))
         if update:
             self.steps.advance()
         return ModelOutput(layers=outputs, modalities=self.modalities, step=step)
@@ -173,7 +182,7 @@ class SrcidModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            inputs, masks = self._prepare({modality: features}, {} if mask is None else {modality: mask})
+            inputs, masks, _ = self._prepare({modality: features}, {} if mask is None else {modality: mask})
             x, m_mask = inputs[modality], masks.get(modality)
             collected = {}
             for k in range(1, max(layers) + 1):
@@ -187,9 +196,10 @@ class SrcidModel(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def _prepare(self, features: dict, batch_masks: dict) -> tuple:
-        """Layer-1 inputs (standardised when the normaliser is fitted, in the parameters' dtype) and the
-        masks to honour: text is fitted to ``T`` steps and run through the front end."""
-        inputs, masks = {}, {}
+        """``(inputs, masks, features)``: layer-1 inputs (standardised when the normaliser is fitted, in the
+        parameters' dtype), the masks to honour, and the features before any front end: text is fitted to ``T``
+        steps (``features``) and run through the front end (``inputs``)."""
+        inputs, masks, prepared = {}, {}, {}
         dtype = self.layers[0].general[self.modalities[0]].temporal.proj.weight.dtype
         for m, x in features.items():
             if m not in self.specs:
@@ -201,6 +211,9 @@ class SrcidModel(nn.Module):
                     mask = torch.ones_like(mask)
                 else:
                     masks[m] = mask
+                prepared[m] = x * mask[:, :, None].to(x.dtype)
                 x = self.text_frontend(x, mask)
+            else:
+                prepared[m] = x
             inputs[m] = x
-        return inputs, masks
+        return inputs, masks, prepared

@@ -1,0 +1,89 @@
+"""Reconstruction targets: text's (BiLSTM output or input features) and layer 2's (detached or not)."""
+import pytest
+import torch
+
+from srcid.data.batch import Batch
+from srcid.errors import SrcidError
+from srcid.model import build_model, model_config
+from srcid.model.inputs import fit_steps
+from srcid.model.losses import reconstruction_loss
+
+SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model(**settings):
+    torch.manual_seed(0)
+    config = model_config("tiny")
+    for key, value in settings.items():
+        setattr(config, key, value)
+    return build_model("srcid", config, SHAPES)
+
+
+def batch(n=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([3, 12, 7, 1, 10][:n])
+    steps = int(lengths.max())
+    mask = torch.arange(steps)[None, :] < lengths[:, None]
+    features = {"audio": torch.randn(n, 10, 6, generator=gen), "video": torch.randn(n, 10, 5, 5, 4, generator=gen),
+                "text": torch.randn(n, steps, 7, generator=gen) * mask[..., None]}
+    masks = {"audio": torch.ones(n, 10, dtype=torch.bool), "video": torch.ones(n, 10, dtype=torch.bool), "text": mask}
+    return Batch(keys=[str(i) for i in range(n)], features=features, masks=masks, labels=torch.full((n,), -1))
+
+
+def test_text_features_target_is_the_input_tokens_over_real_steps():
+    m = model(text_target="features")
+    b = batch()
+    out = m(b).layers[0]
+    want, mask = fit_steps(b.features["text"], b.masks["text"], 10)
+    torch.testing.assert_close(out.targets["text"], want * mask[..., None], rtol=0, atol=0)
+    assert out.reconstructions["text"].shape == (5, 10, 7)  # the decoder rebuilds the 7-d tokens
+    assert out.targets["audio"] is not None and out.targets["audio"].shape == (5, 10, 6)
+    # the loss counts real steps only: changing a padded step's reconstruction changes nothing
+    recon = out.reconstructions["text"].detach().clone()
+    base = reconstruction_loss(recon, out.targets["text"], out.masks["text"])
+    recon[3, 5] += 100.0  # clip 3 has one real token
+    assert torch.equal(reconstruction_loss(recon, out.targets["text"], out.masks["text"]), base)
+
+
+def test_lstm_target_is_the_front_end_output_and_trains_it_from_both_sides():
+    m = model(text_target="lstm")
+    out = m(batch()).layers[0]
+    assert out.targets["text"].shape[-1] == m.text_frontend.out_dim and out.targets["text"].requires_grad
+    features = model(text_target="features")(batch()).layers[0]
+    assert not features.targets["text"].requires_grad
+
+
+def test_layer2_detached_target_keeps_the_gradient_through_the_input():
+    """d(layer-2 audio reconstruction)/d(layer-1 audio y): the detached target removes exactly the target's
+    term -2 (r - y) / N and keeps the path through layer 2's encoders."""
+    grads, outs = {}, {}
+    for detach in (False, True):
+        m = model(layer2_detach_target=detach)
+        m.eval()
+        out = m(batch())
+        y1 = out.layers[0].specific["audio"]
+        second = out.layers[1]
+        assert second.targets["audio"].requires_grad is (not detach)
+        loss = reconstruction_loss(second.reconstructions["audio"], second.targets["audio"])
+        grads[detach] = torch.autograd.grad(loss, y1)[0]
+        outs[detach] = (second.reconstructions["audio"].detach(), y1.detach())
+        assert grads[detach].abs().sum() > 0
+    r, y = outs[False]
+    torch.testing.assert_close(grads[False] - grads[True], -2.0 * (r - y) / r.numel(), rtol=1e-4, atol=1e-7)
+
+
+def test_layer2_target_equals_layer1_specific_output_when_detached():
+    m = model(layer2_detach_target=True)
+    m.eval()
+    out = m(batch())
+    torch.testing.assert_close(out.layers[1].targets["audio"], out.layers[0].specific["audio"], rtol=0, atol=0)
+    assert out.layers[1].targets["audio"].grad_fn is None
+
+
+def test_unknown_text_target_is_a_one_line_error():
+    config = model_config("tiny")
+    config.text_target = "bert"
+    with pytest.raises(SrcidError, match="text_target='bert': choose one of lstm, features"):
+        config.validate()
