@@ -178,3 +178,42 @@ def test_config_overrides_parse_the_fields():
     assert (config.mode, config.fallback_epoch, config.mi_threshold, config.patience_steps) == ("epoch", None, 0.1, 50)
     with pytest.raises(SrcidError):
         apply_overrides(WarmStartConfig(), ["mode=never"])
+
+
+def test_relative_threshold_fires_below_a_fraction_of_the_curves_own_peak():
+    from srcid.train.warm_start import WarmStart, WarmStartConfig
+
+    config = WarmStartConfig(mi_threshold=0.05, mi_rel_threshold=0.3, window_steps=10, patience_steps=20,
+                             mi_min_epoch=0, fallback_epoch=None)
+    curve = [0.1, 0.5, 0.4, 0.3, 0.2, 0.12, 0.1, 0.09, 0.08]  # peak 0.5: bound 0.15, never below 0.05
+    ws = WarmStart(config)
+    for i, value in enumerate(curve):
+        ws.observe(10 * (i + 1), 0, value)
+        if ws.switched:
+            break
+    # below 0.15 from step 60 (0.12): the switch comes 20 steps later, at step 80
+    assert ws.switched and ws.switch_record["step"] == 80 and "< 0.15" in ws.switch_record["reason"]
+    absolute = WarmStart(WarmStartConfig(mi_threshold=0.05, window_steps=10, patience_steps=20, mi_min_epoch=0,
+                                         fallback_epoch=None))
+    for i, value in enumerate(curve):
+        absolute.observe(10 * (i + 1), 0, value)
+    assert not absolute.switched
+
+
+def test_relative_threshold_state_resumes_and_old_states_load():
+    from srcid.train.warm_start import WarmStart, WarmStartConfig
+
+    config = WarmStartConfig(mi_rel_threshold=0.3, window_steps=10, patience_steps=20, mi_min_epoch=0, fallback_epoch=None)
+    a = WarmStart(config)
+    for i, value in enumerate([0.1, 0.5, 0.4]):
+        a.observe(10 * (i + 1), 0, value)
+    b = WarmStart(config)
+    b.load_state_dict(a.state_dict())
+    assert b.threshold == a.threshold == pytest.approx(0.15)
+    old = {k: v for k, v in a.state_dict().items() if k != "peak"}
+    old["version"] = 1
+    c = WarmStart(config)
+    c.load_state_dict(old)
+    assert c.threshold == pytest.approx(0.05)  # no peak recorded yet: the absolute threshold
+    with pytest.raises(SrcidError, match="mi_rel_threshold"):
+        WarmStartConfig(mi_rel_threshold=1.5).validate()

@@ -20,7 +20,10 @@ Three modes (:class:`WarmStartConfig.mode`):
     anyway at ``fallback_epoch`` or ``fallback_step`` (whichever comes
     first; ``None`` disables one), and the switch record says so. Layer 2's
     weight is then ``mi_layer2_weight`` (1.0: the paper's loss weights are
-    all 1).
+    all 1). With ``mi_rel_threshold = r > 0`` the bound is
+    ``max(mi_threshold, r x the largest smoothed MI so far)``: "approaches 0"
+    relative to the run's own MI curve, whose scale depends on the data and
+    the CLUB net.
 
 ``"epoch"`` (the authors' two-layer code)
     Layer-1 losses only for epochs ``0 .. switch_epoch - 1``, then layer-1
@@ -55,7 +58,7 @@ from typing import Literal
 from srcid.errors import SrcidError
 
 MODES = ("mi", "epoch", "off")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 adds the peak; version 1 states (no peak) still load
 
 
 @dataclass
@@ -64,6 +67,8 @@ class WarmStartConfig:
 
     mode: Literal["mi", "epoch", "off"] = "mi"
     mi_threshold: float = 0.05
+    # "settled" also when the smoothed MI is below this fraction of its own peak so far (0: absolute threshold only)
+    mi_rel_threshold: float = 0.0
     window_steps: int = 100
     patience_steps: int = 300
     mi_min_epoch: int = 1
@@ -78,6 +83,8 @@ class WarmStartConfig:
             raise SrcidError(f"warm_start.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not math.isfinite(self.mi_threshold):
             raise SrcidError(f"warm_start.mi_threshold must be a finite number, got {self.mi_threshold}")
+        if not (math.isfinite(self.mi_rel_threshold) and 0.0 <= self.mi_rel_threshold < 1.0):
+            raise SrcidError(f"warm_start.mi_rel_threshold must lie in [0, 1), got {self.mi_rel_threshold}")
         if self.window_steps < 1:
             raise SrcidError(f"warm_start.window_steps must be >= 1, got {self.window_steps}")
         for name in ("patience_steps", "mi_min_epoch", "switch_epoch"):
@@ -107,6 +114,7 @@ class WarmStart:
         self.config.validate()
         self._window: list[tuple[int, float]] = []
         self._below_since: int | None = None
+        self._peak: float | None = None  # the largest smoothed MI seen so far
         self._last_step: int | None = None
         self._record: dict | None = None
         if self.config.mode == "off":
@@ -138,6 +146,14 @@ class WarmStart:
         if not self._window:
             return None
         return math.fsum(value for _, value in self._window) / len(self._window)
+
+    @property
+    def threshold(self) -> float:
+        """The bound the smoothed MI must stay under: ``mi_threshold``, or ``mi_rel_threshold`` x its peak if larger."""
+        cfg = self.config
+        if cfg.mi_rel_threshold > 0 and self._peak is not None:
+            return max(cfg.mi_threshold, cfg.mi_rel_threshold * self._peak)
+        return cfg.mi_threshold
 
     def _switch(self, step: int, epoch: int, reason: str) -> None:
         self._record = {"step": int(step), "epoch": int(epoch), "smoothed_mi": self.smoothed_mi, "reason": reason}
@@ -187,14 +203,17 @@ class WarmStart:
                 self._window.append((step, value))
             self._window = [(s, v) for s, v in self._window if s > step - cfg.window_steps]
             smoothed = self.smoothed_mi
+            if smoothed is not None:
+                self._peak = smoothed if self._peak is None else max(self._peak, smoothed)
+            bound = self.threshold
             armed = epoch >= cfg.mi_min_epoch
-            if armed and math.isfinite(value) and smoothed is not None and smoothed < cfg.mi_threshold:
+            if armed and math.isfinite(value) and smoothed is not None and smoothed < bound:
                 if self._below_since is None:
                     self._below_since = step
             else:
                 self._below_since = None
             if self._below_since is not None and step - self._below_since >= cfg.patience_steps:
-                self._switch(step, epoch, f"MI trigger: smoothed layer-1 MI {smoothed:.4g} < {cfg.mi_threshold:g} "
+                self._switch(step, epoch, f"MI trigger: smoothed layer-1 MI {smoothed:.4g} < {bound:.4g} "
                                           f"since step {self._below_since} ({step - self._below_since} steps "
                                           f">= patience {cfg.patience_steps})")
                 return
@@ -207,6 +226,7 @@ class WarmStart:
             "mode": self.config.mode,
             "window": [[s, v] for s, v in self._window],
             "below_since": self._below_since,
+            "peak": self._peak,
             "last_step": self._last_step,
             "switch": self.switch_record,
         }
@@ -214,10 +234,12 @@ class WarmStart:
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; the configuration stays the one given at construction."""
         expected = {"version", "mode", "window", "below_since", "last_step", "switch"}
+        if isinstance(state, dict) and state.get("version") == _STATE_VERSION:
+            expected = expected | {"peak"}
         if not isinstance(state, dict) or set(state) != expected:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise SrcidError(f"warm start state: expected keys {sorted(expected)}, got {got}")
-        if state["version"] != _STATE_VERSION:
+        if state["version"] not in (1, _STATE_VERSION):
             raise SrcidError(f"warm start state: version {state['version']} is not {_STATE_VERSION}")
         if state["mode"] != self.config.mode:
             raise SrcidError(f"warm start state: saved with mode {state['mode']!r}, "
@@ -227,6 +249,8 @@ class WarmStart:
         except (TypeError, ValueError):
             raise SrcidError("warm start state: 'window' must be a list of [step, value] pairs") from None
         self._below_since = None if state["below_since"] is None else int(state["below_since"])
+        peak = state.get("peak")
+        self._peak = None if peak is None else float(peak)
         self._last_step = None if state["last_step"] is None else int(state["last_step"])
         switch = state["switch"]
         if switch is not None and (not isinstance(switch, dict)
