@@ -163,3 +163,28 @@ def test_reconstruction_loss_masked_and_unmasked(shape):
                 total += float(((recon[b, t].double() - target[b, t].double()) ** 2).sum())
                 count += recon[b, t].numel()
     assert math.isclose(float(reconstruction_loss(recon, target, mask)), total / count, rel_tol=1e-5)
+
+
+def test_standardized_y_makes_the_club_estimate_blind_to_the_scale_of_y():
+    """With club.standardize_y the bound of (x, c y) is that of (x, y) for any c > 0, fitting included; the
+    gradient still reaches y. Without it a tiny y reads as (nearly) no information."""
+    from srcid.model.club import ClubFitter, MIEstimator
+    from srcid.model.config import ClubConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, 6, generator=gen)
+    y = x[..., :3] * 2.0 + 0.3 * torch.randn(32, 4, 3, generator=gen)  # y depends on x
+    estimates = {}
+    for standardize in (False, True):
+        for scale in (1.0, 1e-3):
+            torch.manual_seed(1)
+            estimator = MIEstimator({"k": (6, 3)}, ClubConfig(hidden=16, standardize_y=standardize))
+            fitter = ClubFitter(estimator, steps=60)
+            fitter.fit({"k": (x, y * scale)})
+            yy = (y * scale).clone().requires_grad_(True)
+            mi = estimator.mi("k", x, yy)
+            mi.backward()
+            assert yy.grad.abs().sum() > 0
+            estimates[standardize, scale] = float(mi.detach())
+    assert estimates[True, 1.0] == pytest.approx(estimates[True, 1e-3], rel=1e-3, abs=1e-4)
+    assert estimates[True, 1e-3] > 0.5 and abs(estimates[False, 1e-3]) < 0.05

@@ -75,12 +75,21 @@ class MIEstimator(nn.Module):
         self.config = config
         self.nets = nn.ModuleDict({key: ClubNet(x, y, config.hidden, config.hidden_layers) for key, (x, y) in dims.items()})
 
+    def scaled(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` ``[T, N, D]`` standardised per dimension over all rows with detached moments
+        (``club.standardize_y``), else unchanged; the gradient still reaches ``y``."""
+        if not self.config.standardize_y:
+            return y
+        rows = y.detach().reshape(-1, y.shape[-1])
+        mean, std = rows.mean(0), rows.std(0, unbiased=False).clamp_min(1e-8)
+        return (y - mean) / std
+
     def loglik(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean ``log q(y|x)`` (up to a constant) over clips and steps; gradient to the q_theta parameters."""
         net = self.nets[key]
         with torch.autocast(x.device.type, enabled=False):
             dtype = net.mean[0].weight.dtype
-            x, y = time_major(x, dtype), time_major(y, dtype)
+            x, y = time_major(x, dtype), self.scaled(time_major(y, dtype))
             mu, logvar = net(x)
             return ops.club_loglik(mu, logvar, y).loglik.mean()
 
@@ -90,7 +99,7 @@ class MIEstimator(nn.Module):
         frozen = {name: p.detach() for name, p in net.named_parameters()}
         with torch.autocast(x.device.type, enabled=False):
             dtype = net.mean[0].weight.dtype
-            x, y = time_major(x, dtype), time_major(y, dtype)
+            x, y = time_major(x, dtype), self.scaled(time_major(y, dtype))
             mu, logvar = torch.func.functional_call(net, frozen, (x,))
             return club_mi(mu, logvar, y, estimator=self.config.estimator, generator=generator)
 

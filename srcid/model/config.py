@@ -79,6 +79,9 @@ class ClubConfig:
     estimator: str = "all_pairs"  # "all_pairs" (paper Eq. 6) or "sampled" (authors' CLUBSample)
     inner_steps: int = 5
     lr: float = 1e-3
+    # Standardise y per dimension with the batch's (detached) mean and std before q_theta: MI does not change
+    # under that rescaling, but q_theta's std floor (tanh log-variance: std >= e^-1/2) no longer hides a small y.
+    standardize_y: bool = False
 
 
 @dataclass
