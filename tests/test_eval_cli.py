@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import srcid.cli
+from helpers_training import train_for_steps
 from srcid.data.manifest import load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
 from srcid.eval.features import CODES_INFO, scan_split
-from srcid.model import build_mi_fitter, build_model, build_model_from_manifest, model_config
+from srcid.model import build_model, build_model_from_manifest, model_config
 from srcid.model.export import export_model, load_model
-from srcid.train.step import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}  # the synthetic tiny preset's
@@ -36,14 +36,7 @@ def run_dir(synth_dir, tmp_path_factory):
     torch.manual_seed(0)
     config = model_config("tiny")
     model = build_model_from_manifest("srcid", config, loader.manifest)
-    fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
-    step = 0
-    while step < TRAIN_STEPS:
-        for batch in loader.epoch(step):
-            train_step(model, fitter, optimizer, batch, layer2_weight=1.0)
-            step += 1
-            if step == TRAIN_STEPS:
-                break
+    step = train_for_steps(model, loader, TRAIN_STEPS, layer2_weight=1.0)
     export_model(model, variant="srcid", config=config, input_shapes=model.input_shapes, path=run / "model.safetensors",
                  extra={"run_dir": str(run), "step": step})
     return run

@@ -163,9 +163,9 @@ def realistic_dir(tmp_path_factory):
 
 def codes_after_training(data, *, normalize: bool, seed: int, steps: int = 12) -> dict:
     """Distinct layer-1 codes per modality on the val split after a few DCID training steps."""
+    from helpers_training import train_for_steps
     from srcid.data.reader import ShardLoader
-    from srcid.model import build_mi_fitter, build_model_from_manifest
-    from srcid.train.step import build_optimizer, train_step
+    from srcid.model import build_model_from_manifest
 
     torch.manual_seed(seed)
     cfg = model_config("tiny")
@@ -173,15 +173,7 @@ def codes_after_training(data, *, normalize: bool, seed: int, steps: int = 12) -
     loader = ShardLoader(data, "train", batch_size=32, shuffle=True, seed=seed)
     model = build_model_from_manifest("dcid", cfg, loader.manifest)
     assert model.fit_input_stats(loader.epoch(0)) is normalize
-    fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
-    done, epoch = 0, 0
-    while done < steps:
-        for batch in loader.epoch(epoch):
-            train_step(model, fitter, optimizer, batch, layer2_weight=0.0)
-            done += 1
-            if done == steps:
-                break
-        epoch += 1
+    train_for_steps(model, loader, steps, layer2_weight=0.0)
     model.eval()
     codes = {}
     with torch.no_grad():
