@@ -44,7 +44,7 @@ class MMEMAQuantizer(CodebookQuantizer):
         c = self.config
         rows = stack_rows(z, names)
         groups, n, dim = rows.shape
-        candidates = stack_rows(pool if pool is not None else z, names).reshape(-1, dim)
+        candidates = rows.reshape(-1, dim) if pool is None else stack_rows(pool, names).reshape(-1, dim)
         if not self.book.is_initialized:
             self.book.init_from_rows(candidates, generator(self.seed, self.steps.value, INIT_STREAM, self.stream),
                                      groups=groups)
