@@ -60,7 +60,33 @@ def test_state_survives_a_resume_and_a_disabled_monitor_is_silent():
     assert CollapseMonitor(CollapseConfig(enabled=False, patience=0)).observe(1, scalars(codes=0.0)) == []
 
 
-@pytest.mark.parametrize("key,value", [("max_codes", -1), ("min_y_rel", -0.1), ("patience", -5)])
+def test_a_few_codes_of_a_large_codebook_count_as_collapsed():
+    """The relative bound: 6 codes per step of a 128-code codebook is collapse (0.05 * 128 = 6.4), 7 is not;
+    a layer without a learned codebook (no size given) keeps the absolute bound."""
+    config = CollapseConfig(max_codes=2, max_codes_frac=0.05, patience=0)
+    monitor = CollapseMonitor(config, codebook_sizes={1: 128})
+    assert monitor.codes_bound(1) == pytest.approx(6.4) and monitor.codes_bound(2) == 2.0
+    events = monitor.observe(1, scalars(codes=6.0))
+    assert [(n, i["kind"], i["bound"]) for n, i in events] == [("collapse", "codebook", pytest.approx(6.4))]
+    assert CollapseMonitor(config, codebook_sizes={1: 128}).observe(1, scalars(codes=7.0)) == []
+    assert CollapseMonitor(config, codebook_sizes={1: 128}).observe(1, scalars(codes=6.0, layer=2)) == []
+    assert CollapseMonitor(CollapseConfig(max_codes=2, max_codes_frac=0.0, patience=0),
+                           codebook_sizes={1: 128}).observe(1, scalars(codes=6.0)) == []
+
+
+@pytest.mark.parametrize("variant,sizes", [("srcid", {1: 16, 2: 16}), ("dcid-rvq2", {1: 16}), ("dcid-fsq", {})])
+def test_the_trainer_gives_the_monitor_each_learned_codebook_size(variant, sizes):
+    from srcid.model.config import model_config
+    from srcid.model.variants import build_model
+    from srcid.train.trainer import learned_codebook_sizes
+
+    config = model_config("tiny")
+    config.quantizer.codebook_size = 16
+    model = build_model(variant, config, {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)})
+    assert learned_codebook_sizes(model) == sizes
+
+
+@pytest.mark.parametrize("key,value", [("max_codes", -1), ("min_y_rel", -0.1), ("patience", -5), ("max_codes_frac", 1.5)])
 def test_bad_settings_are_one_line_errors(key, value):
     with pytest.raises(SrcidError, match=f"collapse.{key}"):
         CollapseConfig(**{key: value}).validate()

@@ -6,7 +6,10 @@ distinct codes ``m`` used in the step, over the global batch) and
 output and of the layer's reconstruction target). At every logging step
 :class:`CollapseMonitor` checks two conditions:
 
-* ``codebook``: ``codes <= max_codes``;
+* ``codebook``: ``codes <= max(max_codes, max_codes_frac * codebook size)``
+  (the size of that layer's codebook, given by the trainer; without it only
+  ``max_codes`` counts), so a layer that keeps a handful of codes out of
+  hundreds is caught, not only one down to one or two;
 * ``specific``: ``y_std < min_y_rel * target_std`` (a y that no longer varies
   carries nothing to CLUB or to layer 2; the bound is relative, so it does not
   depend on the features' scale).
@@ -29,6 +32,7 @@ KEY = re.compile(r"^L(\d+)/codes/(\w+)$")
 @dataclasses.dataclass
 class CollapseConfig:
     max_codes: int = 2  # a layer and modality using at most this many codes in a step counts as collapsed
+    max_codes_frac: float = 0.05  # ... or at most this fraction of its layer's codebook (0: max_codes only)
     min_y_rel: float = 0.01  # y spread below this fraction of the target's spread counts as flat
     patience: int = 100  # steps a condition must hold before it is reported
     enabled: bool = True
@@ -36,6 +40,8 @@ class CollapseConfig:
     def validate(self) -> "CollapseConfig":
         if not (isinstance(self.max_codes, int) and self.max_codes >= 0):
             raise SrcidError(f"config key collapse.max_codes={self.max_codes!r}: must be an integer >= 0")
+        if not (isinstance(self.max_codes_frac, (int, float)) and 0.0 <= self.max_codes_frac < 1.0):
+            raise SrcidError(f"config key collapse.max_codes_frac={self.max_codes_frac!r}: must lie in [0, 1)")
         if not self.min_y_rel >= 0.0:
             raise SrcidError(f"config key collapse.min_y_rel={self.min_y_rel!r}: must be >= 0")
         if not (isinstance(self.patience, int) and self.patience >= 0):
@@ -46,10 +52,18 @@ class CollapseConfig:
 class CollapseMonitor:
     """Tracks since when each (kind, layer, modality) condition has held; see the module docstring."""
 
-    def __init__(self, config: CollapseConfig):
+    def __init__(self, config: CollapseConfig, codebook_sizes: dict | None = None):
+        """``codebook_sizes``: ``{layer number: codes in its codebook}`` for the relative bound."""
         self.config = config.validate()
+        self.codebook_sizes = {int(k): int(v) for k, v in (codebook_sizes or {}).items()}
         self.since: dict = {}  # "kind/layer/modality" -> first logging step of the current run of the condition
         self.reported: set = set()
+
+    def codes_bound(self, layer: int) -> float:
+        """Codes per step at or below which ``layer`` counts as collapsed."""
+        size = self.codebook_sizes.get(layer)
+        relative = self.config.max_codes_frac * size if size else 0.0
+        return max(float(self.config.max_codes), relative)
 
     def _conditions(self, scalars: dict) -> dict:
         """``{"kind/k/m": (holds, value, bound)}`` for every layer and modality in ``scalars``."""
@@ -59,7 +73,8 @@ class CollapseMonitor:
             if not match:
                 continue
             k, m = match.groups()
-            out[f"codebook/{k}/{m}"] = (codes <= c.max_codes, codes, c.max_codes)
+            bound = self.codes_bound(int(k))
+            out[f"codebook/{k}/{m}"] = (codes <= bound, codes, bound)
             y, target = scalars.get(f"L{k}/y_std/{m}"), scalars.get(f"L{k}/target_std/{m}")
             if y is not None and target is not None:
                 bound = c.min_y_rel * target
@@ -103,5 +118,5 @@ def describe(info: dict, since) -> str:
             return f"{where} recovered: {value:.0f} codes per step"
         return f"{where} recovered: specific output std {value:.2g} (>= {bound:.2g})"
     if info["kind"] == "codebook":
-        return f"warning: {where} has used {value:.0f} code(s) per step (<= {bound:.0f}) since step {since}"
+        return f"warning: {where} has used {value:.0f} code(s) per step (<= {bound:.3g}) since step {since}"
     return f"warning: {where} specific output is flat since step {since} (y std {value:.2g} < {bound:.2g})"

@@ -42,6 +42,13 @@ CLUB_STATE_FILE = "club.pt"
 
 
 # Profiles: named sets of run-config settings, applied before the command line's own --set items (which win).
+def learned_codebook_sizes(model) -> dict:
+    """``{layer number: codebook size}`` of the layers with a learned codebook (VQ, RVQ; FSQ's grid has none)."""
+    from srcid.model.quantizers import CodebookQuantizer
+
+    return {k + 1: q.num_codes for k, q in enumerate(model.quantizers()) if isinstance(q, CodebookQuantizer)}
+
+
 PROFILES = {
     "default": (),
     # every choice of the authors' code that the project offers as an option (docs/METHOD.md)
@@ -262,7 +269,7 @@ class Trainer:
             self.model.set_reduce_stats(dist_helpers.all_reduce_sum_)
             self.model.set_batch_gather(self.gather)
 
-        self.monitor = CollapseMonitor(config.collapse)
+        self.monitor = CollapseMonitor(config.collapse, codebook_sizes=learned_codebook_sizes(self.model))
         self.warm = WarmStart(config.warm_start)
         if config.variant != "srcid":
             self.warm = None  # one-layer variants have no second stage
