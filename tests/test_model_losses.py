@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from srcid.errors import SrcidError
 from srcid.model.club import MIEstimator, club_mi
 from srcid.model.cmcm import cmcm_loss
 from srcid.model.config import ClubConfig, CPCConfig
@@ -188,3 +189,35 @@ def test_standardized_y_makes_the_club_estimate_blind_to_the_scale_of_y():
             estimates[standardize, scale] = float(mi.detach())
     assert estimates[True, 1.0] == pytest.approx(estimates[True, 1e-3], rel=1e-3, abs=1e-4)
     assert estimates[True, 1e-3] > 0.5 and abs(estimates[False, 1e-3]) < 0.05
+
+
+def test_a_wider_log_variance_range_lets_club_see_a_small_dependent_y():
+    """club.logvar_range r bounds q_theta's log-variance by r (written out: r * tanh); with r = 6 a y of std ~0.01
+    that depends on x gets a clearly positive bound, which the code's r = 1 (std >= e^-1/2) reads as ~0."""
+    from srcid.model.club import ClubFitter, MIEstimator
+    from srcid.model.config import ClubConfig
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 4, 6, generator=gen)
+    y = 0.01 * (x[..., :3] * 2.0 + 0.3 * torch.randn(32, 4, 3, generator=gen))
+    estimates = {}
+    for r in (1.0, 6.0):
+        torch.manual_seed(1)
+        estimator = MIEstimator({"k": (6, 3)}, ClubConfig(hidden=16, logvar_range=r))
+        net = estimator.nets["k"]
+        raw = net.logvar(time_major_rows := x.transpose(0, 1))
+        assert torch.equal(net(time_major_rows)[1], raw * r)  # the output is r * tanh(mlp(x))
+        ClubFitter(estimator, steps=150).fit({"k": (x, y)})
+        assert float(net(x.transpose(0, 1))[1].abs().max()) <= r
+        estimates[r] = float(estimator.mi("k", x, y).detach())
+    assert abs(estimates[1.0]) < 0.05 and estimates[6.0] > 0.3 and estimates[6.0] > 20 * abs(estimates[1.0])
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 25.0])
+def test_a_bad_log_variance_range_is_a_config_error(value):
+    from srcid.model.config import model_config
+
+    config = model_config("tiny")
+    config.club.logvar_range = value
+    with pytest.raises(SrcidError, match="club.logvar_range"):
+        config.validate()

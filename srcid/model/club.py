@@ -28,15 +28,17 @@ def mlp(in_dim: int, hidden: int, hidden_layers: int, out_dim: int) -> nn.Sequen
 
 
 class ClubNet(nn.Module):
-    """Mean MLP and log-variance MLP (ending in tanh) of ``q_theta(y | x)``."""
+    """Mean MLP and log-variance MLP (ending in ``logvar_range * tanh``) of ``q_theta(y | x)``."""
 
-    def __init__(self, x_dim: int, y_dim: int, hidden: int, hidden_layers: int):
+    def __init__(self, x_dim: int, y_dim: int, hidden: int, hidden_layers: int, logvar_range: float = 1.0):
         super().__init__()
+        self.logvar_range = float(logvar_range)
         self.mean = mlp(x_dim, hidden, hidden_layers, y_dim)
         self.logvar = nn.Sequential(mlp(x_dim, hidden, hidden_layers, y_dim), nn.Tanh())
 
     def forward(self, x: torch.Tensor):
-        return self.mean(x), self.logvar(x)
+        logvar = self.logvar(x)
+        return self.mean(x), logvar if self.logvar_range == 1.0 else self.logvar_range * logvar
 
 
 def time_major(t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -73,7 +75,8 @@ class MIEstimator(nn.Module):
     def __init__(self, dims: dict, config: ClubConfig):
         super().__init__()
         self.config = config
-        self.nets = nn.ModuleDict({key: ClubNet(x, y, config.hidden, config.hidden_layers) for key, (x, y) in dims.items()})
+        self.nets = nn.ModuleDict({key: ClubNet(x, y, config.hidden, config.hidden_layers, config.logvar_range)
+                                   for key, (x, y) in dims.items()})
 
     def scaled(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` ``[T, N, D]`` standardised per dimension over all rows with detached moments

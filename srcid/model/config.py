@@ -82,6 +82,9 @@ class ClubConfig:
     # Standardise y per dimension with the batch's (detached) mean and std before q_theta: MI does not change
     # under that rescaling, but q_theta's std floor (tanh log-variance: std >= e^-1/2) no longer hides a small y.
     standardize_y: bool = False
+    # q_theta's log-variance is logvar_range * tanh(.): 1 is the code's (std >= e^-1/2 = 0.61); a wider range
+    # (e.g. 6: std >= e^-3 = 0.05) lets q_theta fit a small y without rescaling y, so the gradient to y is unchanged.
+    logvar_range: float = 1.0
 
 
 @dataclass
@@ -140,6 +143,8 @@ class ModelConfig:
                     "cpc.context", "cpc.horizon", "cpc.min_start", "club.hidden", "club.hidden_layers"):
             need(isinstance(_get(self, key), int) and _get(self, key) >= 1, key, "must be a positive integer")
         need(self.club.inner_steps >= 0, "club.inner_steps", "must be >= 0")
+        need(isinstance(self.club.logvar_range, (int, float)) and 0.0 < self.club.logvar_range <= 20.0,
+             "club.logvar_range", "must lie in (0, 20]")
         need(self.hidden % self.transformer.heads == 0, "transformer.heads", f"must divide hidden={self.hidden}")
         need(self.video_conv >= 2 and self.video_conv % 2 == 0, "video_conv", "must be an even integer >= 2")
         need(0.0 <= self.transformer.dropout < 1.0, "transformer.dropout", "must lie in [0, 1)")
