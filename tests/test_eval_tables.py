@@ -168,3 +168,62 @@ def test_bad_results_are_reported_clearly():
         table1({"a": {}}, {"b": {}})
     with pytest.raises(SrcidError, match="unknown key 'R@2'"):
         table3({"ours": {"video-text": {"R@2": 1.0}}})
+
+
+# --------------------------------------------------------------------------- AVVP F1 beside the paper's columns
+
+
+def test_avvp_f1_columns_follow_the_average_and_leave_it_unchanged():
+    values, printed = PAPER_TABLE2["SRCID"]
+    plain = table2({"SRCID": _cross(values)})
+    with_f1 = table2({"SRCID": {**_cross(values), "avvp-f1": {"V->A": [40.0, 42.0], "A->V": 55.5}}})
+    assert "extra_columns" not in plain and "extra_cells" not in plain["rows"][0]  # what the study report builds
+    assert [c["key"] for c in with_f1["columns"]] == [c["key"] for c in plain["columns"]]
+    assert [c["key"] for c in with_f1["extra_columns"]] == ["avvp-f1/V->A", "avvp-f1/A->V"]
+    row = with_f1["rows"][0]
+    assert row["cells"] == plain["rows"][0]["cells"] and row["avg"] == plain["rows"][0]["avg"]
+    assert abs(row["avg"]["mean"] - printed) <= HALF_CENT
+    assert row["extra_cells"]["avvp-f1/V->A"]["mean"] == 41.0 and row["extra_cells"]["avvp-f1/A->V"]["mean"] == 55.5
+    text = to_markdown(with_f1)
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert header.rstrip().endswith("| Avg. | AVVP F1 V→A | AVVP F1 A→V |")
+    line = next(line for line in text.splitlines() if line.startswith("| SRCID |"))
+    assert line.rstrip().endswith(f"| {printed:.2f} | 41.00 ± 1.41 | 55.50 |")
+    assert "AVVP F1: micro F1" in text and "not in Avg." in text
+    assert "AVVP F1" not in to_markdown(plain)
+    assert json.loads(json.dumps(with_f1)) == with_f1
+
+    # a row without F1 (another method) shows dashes there
+    two = table2({"DCID": _cross(PAPER_TABLE2["DCID"][0]), "SRCID": {**_cross(values), "avvp-f1": {"V->A": 1.0}}})
+    assert two["rows"][0]["extra_cells"] == {"avvp-f1/V->A": None, "avvp-f1/A->V": None}
+    dcid = next(line for line in to_markdown(two).splitlines() if line.startswith("| DCID |"))
+    assert dcid.rstrip().endswith("| 59.58 | - | - |")
+
+
+def test_table1_m_to_m_rows_carry_their_own_avvp_f1():
+    values, avg, same_values, same_avg = PAPER_TABLE1["DCID(VQ)"]
+    table = table1({"DCID(VQ)": {**_cross(values), "avvp-f1": {"V->A": 30.0, "A->V": 31.0}}},
+                   {"DCID(VQ)": {**_same(same_values), "avvp-f1": {"V->V": 60.0, "A->A": 61.0}}})
+    cross, same = table["rows"]
+    assert abs(cross["avg"]["mean"] - avg) <= HALF_CENT and abs(same["avg"]["mean"] - same_avg) <= HALF_CENT
+    assert [c["mean"] for c in cross["extra_cells"].values()] == [30.0, 31.0]
+    assert [c["mean"] for c in same["extra_cells"].values()] == [60.0, 61.0]
+    with pytest.raises(SrcidError, match="unknown key 'V->A'"):
+        table1({"x": {}}, {"x": {"avvp-f1": {"V->A": 1.0}}})
+
+
+def test_eval_result_tables_show_avvp_f1():
+    from srcid.eval.tasks import result_tables
+
+    def experiment(precision, f1):
+        return {"metrics": {"precision": {"values": [precision]}, "recall": {"values": [1.0]}, "f1": {"values": [f1]}}}
+
+    results = {"avvp": {"metric": "precision", "experiments": {
+        "V->A": experiment(90.0, 10.0), "A->V": experiment(80.0, 20.0),
+        "V->V": experiment(70.0, 30.0), "A->A": experiment(60.0, 40.0)}}}
+    tables = result_tables("SRCID", results, [43])
+    row2 = tables["table2"]["rows"][0]
+    assert row2["cells"]["avvp/V->A"]["mean"] == 90.0 and row2["avg"] is None  # Avg. needs all eight paper cells
+    assert [c["mean"] for c in row2["extra_cells"].values()] == [10.0, 20.0]
+    same = tables["table1"]["rows"][1]
+    assert [c["mean"] for c in same["extra_cells"].values()] == [30.0, 40.0]

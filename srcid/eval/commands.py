@@ -16,6 +16,9 @@ PROTOCOL_DESCRIPTIONS = {
     "default": "held-out test splits; the head after the last epoch",
     "authors": "the authors' choices: best epoch selected on the test data; AVE cross-modal heads tested on the "
                "train split of the other modality; localization lr halved after epochs 10, 20, 30",
+    "val": "for choosing model settings, no test split read: heads train on the fit part of their train split and "
+           "are tested on the held-out part (1 clip in 5 by key hash) of the other side's train split; the head "
+           "after the last epoch; retrieval on DATA_DIR/pretrain split val (skipped without it)",
 }
 
 
@@ -73,6 +76,7 @@ def _eval(args) -> int:
     header = (f"srcid eval: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
               f"layers {','.join(map(str, layers))}, protocol {args.protocol} ({PROTOCOL_DESCRIPTIONS[args.protocol]}), "
               f"seeds {', '.join(map(str, settings.seeds))}")
+    header += "".join(f"\nNote: {reason}" for reason in report["skipped"].values())
     markdown = header + "\n\n" + "\n".join(to_markdown(table) for table in tables.values())
     print(markdown)
     _write_json(out, {
@@ -81,7 +85,8 @@ def _eval(args) -> int:
         "model": {"path": str(weights), "variant": model.variant, "step": step, "extra": info["extra"],
                   "layers": len(model.layers)},
         "data": str(args.data),
-        "tasks_run": list(tasks),
+        "tasks_run": list(report["tasks"]),
+        "tasks_skipped": report["skipped"],
         "protocol": args.protocol,
         "protocol_description": PROTOCOL_DESCRIPTIONS[args.protocol],
         "layers": list(layers),
@@ -203,11 +208,14 @@ def register(sub) -> None:
                     f"(DATA_DIR holds {DATA_FOLDERS}).",
     )
     p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
-    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help=f"DATA_DIR with the task folders {DATA_FOLDERS}")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help=f"DATA_DIR with the task folders {DATA_FOLDERS} (--protocol val: pretrain/ instead of retrieval/)")
     p.add_argument("--task", choices=TASKS + ("all",), required=True)
     p.add_argument("--layers", default=None, metavar="1|1,2", help="1 (layer 1 only, the paper's 'only1') or 1,2 (default: every layer of the model)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="default",
-                   help="default: held-out test splits, last epoch; authors: the authors' choices (see docs/EVALUATION.md)")
+                   help="default: held-out test splits, last epoch; authors: the authors' choices; val: for choosing "
+                        "model settings, never reads a test split: heads train on part of each train split and are "
+                        "tested on its held-out rest (1 clip in 5), retrieval on DATA_DIR/pretrain split val "
+                        "(see docs/EVALUATION.md)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="head seeds (43, 44, ...); results give mean and spread")
     p.add_argument("--epochs-cls", type=int, default=30, metavar="N", help="epochs of classification heads")
     p.add_argument("--epochs-loc", type=int, default=50, metavar="N", help="epochs of localization heads")

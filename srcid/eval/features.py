@@ -185,12 +185,27 @@ class SplitFeatures:
     segments: Optional[torch.Tensor]  # [N, T, C] 0/1 per-segment labels of this modality, or None
     digests: list  # per clip, a hash of its raw features (identical recordings share it); empty unless asked
     metas: list  # per clip, its meta.json
+    part: Optional[str] = None  # which part of the split the rows are (e.g. "fit", "held-out"); None: all of it
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def describe(self) -> dict:
-        return {"dataset": str(self.folder), "split": self.split, "modality": self.modality, "clips": len(self.keys)}
+        described = {"dataset": str(self.folder), "split": self.split, "modality": self.modality, "clips": len(self.keys)}
+        if self.part is not None:
+            described["part"] = self.part
+        return described
+
+    def subset(self, indices, part: Optional[str] = None) -> "SplitFeatures":
+        """A new ``SplitFeatures`` of the rows ``indices`` (in that order), named ``part`` (default: this one's)."""
+        rows = [int(i) for i in indices]
+        index = torch.tensor(rows, dtype=torch.long)
+        return dataclasses.replace(
+            self, keys=[self.keys[i] for i in rows], x=self.x[index], mask=self.mask[index], labels=self.labels[index],
+            segments=None if self.segments is None else self.segments[index],
+            digests=[self.digests[i] for i in rows] if self.digests else [], metas=[self.metas[i] for i in rows],
+            part=self.part if part is None else part,
+        )
 
     def pooled(self) -> torch.Tensor:
         """``[N, D]``: the mean of each clip's features over its valid steps."""

@@ -20,6 +20,14 @@ key is a missing cell, shown as ``-``.
   :func:`srcid.eval.metrics.retrieval_report` is also accepted: its ``"mean"``
   is used). Avg. = mean of the six cells.
 
+Extra columns (not in the paper): a row of Table II or I may also carry
+``{"avvp-f1": {direction: value}}`` (:data:`AVVP_F1`), AVVP's micro F1 of
+the same heads whose precision the AVVP columns show (a head that predicts
+background everywhere scores a high precision but a low F1). When any row
+has it, the table gets the pair of columns "AVVP F1" (``extra_columns``,
+each row's values in ``extra_cells``), printed after Avg. and never counted
+in it, so Avg. stays the paper's and comparable with it.
+
 Avg. is shown only when every cell it averages is present. With per-seed
 values its mean is the mean of the cell means; its std is the std over seeds
 of the per-seed averages when every cell has the same number of seeds.
@@ -40,12 +48,23 @@ SAME_MODALITY_TASKS = ("ave", "avvp", "ucf-vgg")
 RETRIEVAL_SETS = {"video-text": "MSCOCO (V↔T)", "audio-text": "Clotho (A↔T)"}
 RETRIEVAL_KS = ("R@1", "R@5", "R@10")
 AVG = "avg"
+AVVP_F1 = "avvp-f1"
+EXTRA_LABELS = {AVVP_F1: "AVVP F1"}  # extra columns of Tables II and I, after Avg. and not averaged
+EXTRA_NOTES = {AVVP_F1: "AVVP F1: micro F1 at 0.5 of the same AVVP heads (not in the paper, not in Avg.)."}
 
 
 def _columns_av() -> list[dict]:
     return [
         {"key": f"{task}/{direction}", "group": label, "label": direction.replace("->", "→")}
         for task, label in TASK_LABELS.items()
+        for direction in CROSS_DIRECTIONS
+    ]
+
+
+def _columns_extra() -> list[dict]:
+    return [
+        {"key": f"{extra}/{direction}", "group": label, "label": direction.replace("->", "→")}
+        for extra, label in EXTRA_LABELS.items()
         for direction in CROSS_DIRECTIONS
     ]
 
@@ -117,7 +136,7 @@ def _av_row(method: str, result: Mapping, seeds, *, same_modality: bool) -> dict
     tasks = SAME_MODALITY_TASKS if same_modality else tuple(TASK_LABELS)
     directions = tuple(SAME_DIRECTIONS.values()) if same_modality else CROSS_DIRECTIONS
     row_name = f"{method} (m -> m)" if same_modality else method
-    _check_keys(result, tasks, f"row {row_name!r}")
+    _check_keys(result, tasks + tuple(EXTRA_LABELS), f"row {row_name!r}")
     cells, averaged = {}, []
     for column in _columns_av():
         task, cross = column["key"].split("/")
@@ -129,13 +148,36 @@ def _av_row(method: str, result: Mapping, seeds, *, same_modality: bool) -> dict
             cell = _cell(per_task.get(direction), f"row {row_name!r}, {task} {direction}", seeds)
             averaged.append(cell)
         cells[column["key"]] = cell
+    extra_cells = {}
+    for column in _columns_extra():
+        extra, cross = column["key"].split("/")
+        direction = SAME_DIRECTIONS[cross] if same_modality else cross
+        per_extra = result.get(extra) or {}
+        _check_keys(per_extra, directions, f"row {row_name!r}, {extra!r}")
+        extra_cells[column["key"]] = _cell(per_extra.get(direction), f"row {row_name!r}, {extra} {direction}", seeds)
     return {
         "method": "m → m" if same_modality else method,
         "of": method,
         "kind": "same-modality" if same_modality else "cross-modal",
         "cells": cells,
         AVG: _average(averaged),
+        "extra_cells": extra_cells,
     }
+
+
+def _with_extras(table: dict) -> dict:
+    """Keep the extra columns any row has a value in (both directions of each); drop the rest."""
+    rows = table["rows"]
+    used = {c["key"].split("/")[0] for c in _columns_extra() for row in rows if row["extra_cells"].get(c["key"]) is not None}
+    columns = [c for c in _columns_extra() if c["key"].split("/")[0] in used]
+    for row in rows:
+        cells = row.pop("extra_cells")
+        if columns:
+            row["extra_cells"] = {c["key"]: cells[c["key"]] for c in columns}
+    if columns:
+        table["extra_columns"] = columns
+        table["extra_note"] = " ".join(EXTRA_NOTES[extra] for extra in EXTRA_LABELS if extra in used)
+    return table
 
 
 def _table(title: str, caption: str, columns: list[dict], rows: list[dict], seeds, average_rule: str) -> dict:
@@ -152,11 +194,11 @@ def _table(title: str, caption: str, columns: list[dict], rows: list[dict], seed
 def table2(results: Mapping[str, Mapping], seeds: Sequence[int] | None = None) -> dict:
     """Table II: cross-modal results of each method on the four audio-visual tasks."""
     rows = [_av_row(method, result, seeds, same_modality=False) for method, result in results.items()]
-    return _table(
+    return _with_extras(_table(
         "Table II: cross-modal generalization on four audio-visual tasks",
         "AVE and UCF(v)↔VGG(a): accuracy; AVVP: micro precision at 0.5; AVE→AVVP: micro F1 (all in %).",
         _columns_av(), rows, seeds, "Avg. = mean of the 8 cells",
-    )
+    ))
 
 
 def table1(
@@ -174,12 +216,12 @@ def table1(
         rows.append(_av_row(method, result, seeds, same_modality=False))
         if same_modality.get(method) is not None:
             rows.append(_av_row(method, same_modality[method], seeds, same_modality=True))
-    return _table(
+    return _with_extras(_table(
         "Table I: quantizers, cross-modal and same-modality (m → m) results",
         "An m → m row gives the training modality's own result (V→V under V→A, A→A under A→V); "
         "its AVE→AVVP cells equal AVE's and are left out.",
         _columns_av(), rows, seeds, "Avg. = mean of the 8 cells; m → m rows: mean of 6 cells, AVE→AVVP excluded",
-    )
+    ))
 
 
 def table3(results: Mapping[str, Mapping], seeds: Sequence[int] | None = None) -> dict:
@@ -220,15 +262,22 @@ def format_cell(cell: dict | None, digits: int = 2) -> str:
 
 
 def to_markdown(table: dict, digits: int = 2) -> str:
-    """A Markdown rendering of a table built by :func:`table1`, :func:`table2` or :func:`table3`."""
-    columns = table["columns"]
+    """A Markdown rendering of a table built by :func:`table1`, :func:`table2` or :func:`table3`.
+
+    Extra columns (``extra_columns``) follow Avg.
+    """
+    columns, extra = table["columns"], table.get("extra_columns", [])
     header = ["Method"] + [f"{c['group']} {c['label']}" for c in columns] + ["Avg."]
+    header += [f"{c['group']} {c['label']}" for c in extra]
     rule = "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"
     lines = [f"**{table['title']}**", "", "| " + " | ".join(header) + " |", rule]
     for row in table["rows"]:
         cells = [format_cell(row["cells"].get(c["key"]), digits) for c in columns] + [format_cell(row[AVG], digits)]
+        cells += [format_cell(row.get("extra_cells", {}).get(c["key"]), digits) for c in extra]
         lines.append("| " + " | ".join([row["method"]] + cells) + " |")
     notes = [table["caption"], table["average_rule"] + "."]
+    if extra and table.get("extra_note"):
+        notes.append(table["extra_note"])
     if table.get("seeds"):
         notes.append(f"Mean ± sample std over seeds {', '.join(str(s) for s in table['seeds'])}.")
     return "\n".join(lines + ["", " ".join(notes)]) + "\n"
