@@ -28,12 +28,13 @@ def batches(synth_dir, batch_size=24, count=2):
 
 
 def model_for(synth_dir, variant, seed=0):
-    """A tiny model; ``srcid-map`` is SRCID with ``video_specific="map"``."""
+    """A tiny model; a ``-map`` / ``-head`` suffix sets ``video_specific`` (otherwise the default, "map")."""
     torch.manual_seed(seed)
     loader = ShardLoader(synth_dir / "pretrain", "train", batch_size=1)
     config = model_config("tiny")
-    if variant.endswith("-map"):
-        variant, config.video_specific = variant[:-4], "map"
+    for mode in ("map", "head"):
+        if variant.endswith("-" + mode):
+            variant, config.video_specific = variant[: -len(mode) - 1], mode
     return build_model_from_manifest(variant, config, loader.manifest)
 
 
@@ -103,7 +104,7 @@ def check_against_numpy(stats, expected):
             assert getattr(s, name) == pytest.approx(e[name], rel=1e-6, abs=1e-9), (s.layer, s.modality, name)
 
 
-@pytest.mark.parametrize("variant", ["srcid", "srcid-map", "dcid-rvq2", "dcid-fsq"])
+@pytest.mark.parametrize("variant", ["srcid", "srcid-head", "dcid-rvq2", "dcid-fsq"])
 def test_stats_match_numpy(synth_dir, variant):
     model = model_for(synth_dir, variant)
     model.train()
@@ -132,7 +133,7 @@ def test_stats_match_numpy(synth_dir, variant):
     assert audio.hidden_units == audio.specific_dim
     video = next(s for s in stats if s.modality == "video")
     encoder = model.layers[0].specific["video"]
-    if variant == "srcid-map":  # the pooled map is y: its channels are the units
+    if model.config.video_specific == "map":  # the pooled map is y: its channels are the units
         assert encoder.head is None and video.hidden_units == video.specific_dim == model.config.video_conv
     else:
         assert video.hidden_units == encoder.head[0].out_features
@@ -217,7 +218,7 @@ def test_single_code_fsq_is_collapsed(synth_dir):
 
 
 def test_dead_units_from_negative_biases(synth_dir):
-    model = model_for(synth_dir, "srcid")
+    model = model_for(synth_dir, "srcid-head")
     batch_list = batches(synth_dir, count=1)
     layer = model.layers[0]
     with torch.no_grad():
@@ -261,7 +262,7 @@ def test_specific_encoder_without_hidden_relu_gives_no_dead_units(synth_dir):
             y = torch.tanh(self.proj(x))
             return y, y
 
-    model = model_for(synth_dir, "srcid")
+    model = model_for(synth_dir, "srcid-head")
     old = model.layers[0].specific["audio"]
     model.layers[0].specific["audio"] = TanhEncoder(old.linear.in_features, old.out_dim)
     assert hidden_relu_module(model.layers[0].specific["audio"]) is None

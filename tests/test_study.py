@@ -1,5 +1,6 @@
 """``srcid study`` on the tiny preset: the whole grid end to end, skipping, --only, resume, failing cells, bad input."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -291,6 +292,21 @@ def test_training_seeds_repeat_cells_and_the_tables_pool_them(full, tmp_path):
     assert "Training seeds: 43, 1" in (out / "tables.md").read_text()
 
 
+def test_set_items_reach_every_cell_and_a_change_is_refused(full, tmp_path):
+    out = tmp_path / "authors"
+    result = study("--preset", "tiny", "--data", full / "data", "--out", out, "--only", "dcid-vq", "--max-steps", "2",
+                   "--set", "profile=authors")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_config = json.loads((out / "cells" / "dcid-vq" / "run" / "run_config.json").read_text())
+    assert run_config["profile"] == "authors" and run_config["model"]["video_specific"] == "head"
+    assert run_config["warm_start"]["mode"] == "epoch"
+    assert results_of(out)["command"].endswith("--set profile=authors")
+    again = study("--preset", "tiny", "--data", full / "data", "--out", out, "--only", "dcid-vq", "--max-steps", "2")
+    error = again.stderr.strip().splitlines()
+    assert again.returncode != 0 and len(error) == 1
+    assert "cells trained with other settings: dcid-vq (overrides)" in error[0]
+
+
 def test_corrupt_data_fails_the_cell_and_names_it(full, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(full / "data", data)
@@ -350,6 +366,21 @@ def test_data_without_task_folders_is_one_line(cli, full, tmp_path):
 def test_bad_numbers_are_one_line(cli, full, tmp_path, flags, message):
     code, _, err = cli("study", "--preset", "tiny", "--data", full / "data", "--out", tmp_path / "s", *flags)
     assert code != 0 and err.strip().splitlines() == [f"srcid: error: {message}"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.nope=1", "model.nope"),
+    ("model.text_target=bert", "text_target='bert': choose one of lstm, features"),
+    ("profile=nobody", "profile=nobody: choose one of default, authors"),
+    ("seed=3", "--set seed=3: seed is set by the study (--train-seeds), not by --set"),
+    ("batch_size=8", "batch_size is set by the study (--processes)"),
+    ("profile", "--set 'profile': expected KEY=VALUE"),
+])
+def test_bad_set_items_are_one_line_before_anything_is_written(cli, tmp_path, item, message):
+    code, _, err = cli("study", "--preset", "tiny", "--out", tmp_path / "s", "--set", item)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "s").exists()
 
 
 def test_out_that_is_a_file_is_one_line(cli, tmp_path):
@@ -457,6 +488,14 @@ def test_commands_for_several_processes_and_kernels(tmp_path):
     assert "--epochs 20" in joined and "--max-steps" not in joined and joined.endswith("--kernels reference --resume")
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
     assert sets == ["batch_size=20", "log_every=10", "model.quantizer.codebook_size=64"]
+    # --set items reach every cell's training, before the cell's own, and are part of what decides the model
+    from srcid.study.runner import train_spec
+    profiled = dataclasses.replace(settings, overrides=["profile=authors", "model.quantizer.codebook_size=16"])
+    command = train_command(cell, profiled, tmp_path / "run", resume=False)
+    sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+    assert sets == ["batch_size=20", "log_every=10", "profile=authors", "model.quantizer.codebook_size=16",
+                    "model.quantizer.codebook_size=64"]
+    assert train_spec(cell, profiled) != train_spec(cell, settings)
     evaluation = eval_command(settings, tmp_path / "run", "1,2", tmp_path / "e.json")
     assert evaluation[:4] == [sys.executable, "-m", "srcid.cli", "eval"]
     assert " ".join(evaluation[4:]) == (f"--run {tmp_path / 'run'} --data {tmp_path / 'data'} --task all --layers 1,2 "

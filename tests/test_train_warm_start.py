@@ -51,8 +51,8 @@ def noisy_decay(seed, n_steps=3000, scale=2.0, tau=400.0, noise=0.08):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mi_trigger_with_noise_switches_exactly_when_reference_says(seed):
-    config = WarmStartConfig(mode="mi", mi_threshold=0.05, window_steps=100, patience_steps=300,
-                             mi_min_epoch=1, fallback_epoch=None)
+    config = WarmStartConfig(mode="mi", mi_threshold=0.05, mi_rel_threshold=0.0, window_steps=100,
+                             patience_steps=300, mi_min_epoch=1, fallback_epoch=None)
     steps, values = noisy_decay(seed)
     warm = WarmStart(config)
     weights = run(warm, steps, values)
@@ -193,7 +193,7 @@ def test_relative_threshold_fires_below_a_fraction_of_the_curves_own_peak():
             break
     # below 0.15 from step 60 (0.12): the switch comes 20 steps later, at step 80
     assert ws.switched and ws.switch_record["step"] == 80 and "< 0.15" in ws.switch_record["reason"]
-    absolute = WarmStart(WarmStartConfig(mi_threshold=0.05, window_steps=10, patience_steps=20, mi_min_epoch=0,
+    absolute = WarmStart(WarmStartConfig(mi_threshold=0.05, mi_rel_threshold=0.0, window_steps=10, patience_steps=20, mi_min_epoch=0,
                                          fallback_epoch=None))
     for i, value in enumerate(curve):
         absolute.observe(10 * (i + 1), 0, value)

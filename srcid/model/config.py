@@ -112,8 +112,9 @@ class ModelConfig:
     video_conv: int = 2048  # channels of the video specific conv stack (its first conv has half)
     video_se_reduction: int = 8  # squeeze-excite bottleneck: channels // reduction
     # The video specific output (CLUB's y, layer 2's input): "head" (the authors' code: a Linear-ReLU-Linear head
-    # on the pooled conv map that only CLUB trains before layer 2 is on) or "map" (the pooled map the decoder reads)
-    video_specific: str = "head"
+    # on the pooled conv map that only CLUB trains before layer 2 is on) or "map" (the pooled map the decoder reads,
+    # the paper's one specific output per modality; docs/METHOD.md says why it is the default)
+    video_specific: str = "map"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     cpc: CPCConfig = field(default_factory=CPCConfig)
@@ -124,10 +125,10 @@ class ModelConfig:
     layer2_detach_input: bool = False  # stop layer-2 gradients at layer 1's specific output
     # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
     # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
-    layer2_detach_target: bool = False
+    layer2_detach_target: bool = True
     # layer 1's text reconstruction target: "lstm" (the jointly trained BiLSTM output, the authors' code) or
     # "features" (the input token features, the paper's "reconstruct the input"; real steps only)
-    text_target: str = "lstm"
+    text_target: str = "features"
     check_finite: bool = True  # reject batches holding NaN/Inf (one reduction and one sync per step)
     seed: int = 43  # seeds the model's own draws: CPC time step, dead-code resets, CLUB shuffles
 

@@ -24,7 +24,33 @@ def _command_line(args) -> str:
                         ("--max-steps", args.max_steps), ("--kernels", args.kernels)):
         if value is not None:
             words += [flag, str(value)]
+    for item in args.overrides:
+        words += ["--set", item]
     return shlex.join(words)
+
+
+# run-config keys the study sets itself, per cell or from its own flags
+STUDY_KEYS = {"variant": "the cell", "preset": "--preset", "epochs": "the preset's plan", "max_steps": "--max-steps",
+              "batch_size": "--processes", "log_every": "the preset's plan", "seed": "--train-seeds",
+              "model.seed": "--train-seeds"}
+
+
+def check_overrides(overrides: list, preset: str) -> list:
+    """``--set`` items for every cell's training: each a valid ``KEY=VALUE`` of the trainer, none the study sets."""
+    from srcid.train.trainer import apply_profile_and_overrides, default_run_config
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key:
+            raise SrcidError(f"--set {item!r}: expected KEY=VALUE")
+        if key in STUDY_KEYS:
+            raise SrcidError(f"--set {item}: {key} is set by the study ({STUDY_KEYS[key]}), not by --set")
+    for variant in ("srcid", "dcid"):
+        try:
+            apply_profile_and_overrides(default_run_config(variant, preset), list(overrides)).validate()
+        except SrcidError as error:
+            raise SrcidError(f"--set: {error}") from None
+    return list(overrides)
 
 
 def _study(args) -> int:
@@ -35,6 +61,7 @@ def _study(args) -> int:
     from srcid.train.trainer import default_run_config
 
     plan = plan_for(args.preset)
+    overrides = check_overrides(args.overrides, plan.preset)
     for name in ("--seeds", "--train-seeds", "--max-steps", "--processes"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     if args.out.exists() and not args.out.is_dir():
@@ -49,7 +76,8 @@ def _study(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.data, out, plan.preset, lambda line: print(line, flush=True))
     settings = Settings(plan=plan, out=out, data=data, seeds=args.seeds or plan.seeds, max_steps=args.max_steps,
-                        processes=processes, kernels=args.kernels, command=_command_line(args), train_seeds=train_seeds)
+                        processes=processes, kernels=args.kernels, command=_command_line(args), train_seeds=train_seeds,
+                        overrides=overrides)
 
     outcomes = Runner(settings, lambda line: print(line, flush=True)).run(selected)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -88,5 +116,8 @@ def register(sub) -> None:
                         "the tables pool the T x S runs (default 1)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop every training after N steps (default: the preset's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer setting for every cell, before the cell's own (e.g. --set profile=authors); "
+                        "repeatable")
     add_kernels_flag(p)
     p.set_defaults(func=_study)

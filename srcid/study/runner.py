@@ -107,6 +107,7 @@ class Settings:
     kernels: Optional[str]
     command: str
     train_seeds: list = dataclasses.field(default_factory=lambda: [DEFAULT_TRAIN_SEED])  # every cell's, in order
+    overrides: list = dataclasses.field(default_factory=list)  # --set items for every cell, before the cell's own
 
     @property
     def preset(self) -> str:
@@ -177,7 +178,8 @@ def write_record(files: CellFiles, record: dict) -> None:
 
 
 def train_overrides(cell: Cell, settings: Settings) -> list:
-    return [f"batch_size={settings.rank_batch}", f"log_every={settings.plan.log_every}", *cell.overrides]
+    return [f"batch_size={settings.rank_batch}", f"log_every={settings.plan.log_every}", *settings.overrides,
+            *cell.overrides]
 
 
 def train_spec(cell: Cell, settings: Settings) -> dict:

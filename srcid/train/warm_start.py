@@ -35,14 +35,18 @@ Three modes (:class:`WarmStartConfig.mode`):
 Defaults and their reasons: ``mi_threshold = 0.05`` nats, compared with
 the layer-1 MI estimate averaged over the modalities (small against the
 values of an estimate whose general and specific features still share
-information, and inside the noise band around 0 of a settled one; check a
-run's ``mi/l1`` curve and set ``warm_start.mi_threshold`` if needed);
-``window_steps = 100`` (averages a few batches' worth of CLUB noise while
-still following the trend within a fraction of an epoch: about 500 steps
-per epoch on VGGSound-AVEL 40k at batch 80); ``patience_steps = 300``
-(settled for more than half an epoch, so one lucky stretch does not trip
-it); ``mi_min_epoch = 1``; ``fallback_epoch = 3`` (the authors' fixed
-switch epoch, leaving layer 2 half of a six-epoch run).
+information, and inside the noise band around 0 of a settled one);
+``mi_rel_threshold = 0.3`` (the smoothed MI has fallen to under 30% of its
+own peak: on the ``small`` plan the absolute 0.05 was never reached, the
+smoothed minimum sat at 0.06-0.12, so only the fallback ever switched);
+``window_steps = 20`` and ``patience_steps = 20`` (a few batches' worth of
+CLUB noise, short enough that the trigger can act inside the two epochs
+between ``mi_min_epoch`` and the fallback of a short plan; the ``small`` plan
+has 45 steps per epoch); ``mi_min_epoch = 1``; ``fallback_epoch = 3`` (the
+authors' fixed switch epoch, leaving layer 2 half of a six-epoch run). On a
+long plan (about 500 steps per epoch on VGGSound-AVEL 40k at batch 80) a
+longer ``window_steps`` / ``patience_steps`` smooths more; check a run's
+``mi/l1`` curve. ``--set profile=authors`` uses the fixed epoch-3 switch.
 
 Every rank must take the same decision. The trainer averages the MI value
 across ranks before :meth:`WarmStart.observe` and passes the same step and
@@ -68,9 +72,9 @@ class WarmStartConfig:
     mode: Literal["mi", "epoch", "off"] = "mi"
     mi_threshold: float = 0.05
     # "settled" also when the smoothed MI is below this fraction of its own peak so far (0: absolute threshold only)
-    mi_rel_threshold: float = 0.0
-    window_steps: int = 100
-    patience_steps: int = 300
+    mi_rel_threshold: float = 0.3
+    window_steps: int = 20
+    patience_steps: int = 20
     mi_min_epoch: int = 1
     fallback_epoch: int | None = 3
     fallback_step: int | None = None
