@@ -87,3 +87,45 @@ def test_unknown_text_target_is_a_one_line_error():
     config.text_target = "bert"
     with pytest.raises(SrcidError, match="text_target='bert': choose one of lstm, features"):
         config.validate()
+
+
+def _layer2_inputs(m, b):
+    seen = {}
+    handle = m.layers[1].register_forward_pre_hook(lambda module, args, kwargs: seen.update(args[0]), with_kwargs=True)
+    try:
+        out = m(b)
+    finally:
+        handle.remove()
+    return out, seen
+
+
+def test_layer2_input_norm_standardises_each_step_and_reads_any_scale():
+    b = batch()
+    m = model(layer2_input_norm="layer", layer2_detach_target=True)
+    m.eval()
+    out, seen = _layer2_inputs(m, b)
+    for name, y in out.layers[0].specific.items():
+        y64 = y.detach().double()
+        mean = y64.mean(-1, keepdim=True)
+        var = ((y64 - mean) ** 2).mean(-1, keepdim=True)
+        want = (y64 - mean) / torch.sqrt(var + 1e-6)
+        torch.testing.assert_close(seen[name].detach().double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.layers[1].targets[name].double(), want, rtol=1e-5, atol=1e-5)
+    # y = relu(W x + b) scaled by 50 (W and b scaled): layer 2 reads the same thing with the norm, not without it
+    for norm in ("layer", "none"):
+        m = model(layer2_input_norm=norm)
+        m.eval()
+        before = m(b).layers[1].general["audio"].detach()
+        with torch.no_grad():
+            m.layers[0].specific["audio"].linear.weight.mul_(50.0)
+            m.layers[0].specific["audio"].linear.bias.mul_(50.0)
+        after = m(b).layers[1].general["audio"].detach()
+        same = torch.allclose(before, after, rtol=1e-3, atol=1e-4)
+        assert same is (norm == "layer"), norm
+
+
+def test_unknown_layer2_input_norm_is_a_one_line_error():
+    config = model_config("tiny")
+    config.layer2_input_norm = "batch"
+    with pytest.raises(SrcidError, match="layer2_input_norm='batch': choose one of none, layer"):
+        config.validate()

@@ -17,6 +17,7 @@ DEAD_CODE_RULES = ("ema", "steps")
 DEAD_CODE_SOURCES = ("batch", "active_code")
 VIDEO_SPECIFIC = ("head", "map")
 TEXT_TARGETS = ("lstm", "features")
+LAYER2_INPUT_NORMS = ("none", "layer")
 
 
 @dataclass
@@ -123,6 +124,10 @@ class ModelConfig:
     normalize_inputs: bool = True  # standardise each input feature with pretraining-split moments (false: raw, as the authors)
     layer2_run_when_off: bool = True  # run layer 2 (forward and codebook EMA) while its loss weight is 0
     layer2_detach_input: bool = False  # stop layer-2 gradients at layer 1's specific output
+    # how layer 2 reads layer 1's specific output (its input, and its target): "none" (as it comes, the paper and the
+    # authors' code) or "layer" (each step's vector standardised over its dimensions, no learned scale: layer 1's
+    # specific output has whatever scale training gives it, and a small one starves layer 2's codebook)
+    layer2_input_norm: str = "none"
     # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
     # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
     layer2_detach_target: bool = True
@@ -166,6 +171,8 @@ class ModelConfig:
         need(0.0 <= q.dead_code_threshold < 1.0, "quantizer.dead_code_threshold", "must lie in [0, 1)")
         need(q.dead_code_source in DEAD_CODE_SOURCES, "quantizer.dead_code_source",
              f"choose one of {', '.join(DEAD_CODE_SOURCES)}")
+        need(self.layer2_input_norm in LAYER2_INPUT_NORMS, "layer2_input_norm",
+             f"choose one of {', '.join(LAYER2_INPUT_NORMS)}")
         need(self.text_target in TEXT_TARGETS, "text_target", f"choose one of {', '.join(TEXT_TARGETS)}")
         need(self.video_specific in VIDEO_SPECIFIC, "video_specific", f"choose one of {', '.join(VIDEO_SPECIFIC)}")
         need(self.club.estimator in CLUB_ESTIMATORS, "club.estimator", f"choose one of {', '.join(CLUB_ESTIMATORS)}")

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from srcid.errors import SrcidError
@@ -15,6 +16,16 @@ from srcid.model.layer import DisentangleLayer, LayerOutput
 from srcid.model.losses import club_key, model_loss
 from srcid.model.normalize import InputNormalizer, fit_moments
 from srcid.model.randomness import CPC_STREAM, StepCounter, generator
+
+LAYER2_NORM_EPS = 1e-6  # small against the variance of a specific output of std 0.01
+
+
+def layer2_view(y: torch.Tensor, norm: str) -> torch.Tensor:
+    """Layer 1's specific output as layer 2 reads it (``model.layer2_input_norm``): as it comes (``"none"``) or each
+    step's vector standardised over its dimensions without a learned scale (``"layer"``; a constant vector gives 0)."""
+    if norm == "layer":
+        return F.layer_norm(y, y.shape[-1:], eps=LAYER2_NORM_EPS)
+    return y
 
 
 @dataclasses.dataclass
@@ -96,7 +107,7 @@ class SrcidModel(nn.Module):
             if k == 0 and config.text_target == "features" and "text" in features:
                 targets = {**inputs, "text": features["text"]}
             if k > 0:
-                previous = outputs[-1].specific
+                previous = {m: layer2_view(y, config.layer2_input_norm) for m, y in outputs[-1].specific.items()}
                 inputs = {m: y.detach() if config.layer2_detach_input else y for m, y in previous.items()}
                 if config.layer2_detach_target:
                     targets = {m: y.detach() for m, y in previous.items()}
