@@ -45,14 +45,22 @@ from ._common import check_device, check_floating, tuning_configs
 MAX_SPLITS = 16  # row splits of the column reductions; the row kernels add these partials
 MIN_ROWS_PER_SPLIT = 256
 
+# GPU configs that compile without register spills for sm_80 and sm_90 (python -m kernels.compile_check): the row
+# kernels hold several [BLOCK_N, BLOCK_D] float32 tiles and their 64-bit addresses at once, so at most 16 elements
+# per thread for the forward rows and 8 for the gradient rows
 _MOMENT_CONFIGS = tuning_configs(
     [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": w}
-     for bn, bd, w in [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8)]],
+     for bn, bd, w in [(32, 64, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8)]],
     {"BLOCK_N": 32, "BLOCK_D": 32},
 )
 _ROW_CONFIGS = tuning_configs(
     [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": w}
-     for bn, bd, w in [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8)]],
+     for bn, bd, w in [(16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8), (16, 256, 8)]],
+    {"BLOCK_N": 32, "BLOCK_D": 32},
+)
+_GRAD_ROW_CONFIGS = tuning_configs(
+    [{"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": w}
+     for bn, bd, w in [(16, 64, 4), (32, 32, 4), (16, 128, 8), (32, 64, 8)]],
     {"BLOCK_N": 32, "BLOCK_D": 32},
 )
 
@@ -186,7 +194,7 @@ def _grad_moments_kernel(
     tl.store(out + D + dims, tl.sum(acc_b, axis=0), mask=dim_ok)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["N", "D"])
+@triton.autotune(configs=_GRAD_ROW_CONFIGS, key=["N", "D"])
 @triton.jit
 def _grad_rows_kernel(
     mu_ptr, lv_ptr, y_ptr, gp_ptr, gn_ptr, gl_ptr, part_ptr, gpart_ptr, dmu_ptr, dlv_ptr, dy_ptr,
