@@ -7,7 +7,10 @@ grid runs over row tiles; each program walks the code tiles, computing
 minimum and argmin, so the ``N x L`` distance matrix never reaches memory.
 Inside a tile the argmin takes the lowest index among equal minima and a
 later tile replaces the running best only when strictly smaller, so ties go
-to the lowest code index, as ``torch.min`` does in the reference.
+to the lowest code index, as ``torch.min`` does in the reference. NaN scores
+(a NaN in a row or in a code) count as smaller than any number, also as in
+``torch.min``: such a row takes the first NaN code (code 0 for a NaN row) and
+a NaN distance.
 
 Statistics (``counts [G, L]``, ``sums [G, L, D]`` of ``values``) come in two
 accumulation modes:
@@ -112,6 +115,9 @@ def _nearest_code_kernel(
             dots = tl.dot(xt, tl.trans(ct), dots, input_precision="ieee")
             c_norm += tl.sum(ct * ct, axis=1)
         scores = c_norm[None, :] - 2.0 * dots
+        # a NaN score (NaN in the row or the code) ranks below every number, as in torch.min: it becomes -inf,
+        # so the first NaN code wins, and a -inf best marks the row's distance NaN below
+        scores = tl.where(scores == scores, scores, float("-inf"))
         scores = tl.where(code_ok[None, :], scores, float("inf"))
         tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best  # strict: an equal score in a later tile keeps the lower index
@@ -119,7 +125,8 @@ def _nearest_code_kernel(
         best_idx = tl.where(better, tile_idx + l0, best_idx)
 
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(dist_ptr + rows, tl.maximum(best + x_norm, 0.0), mask=row_ok)
+    sq_dist = tl.where(best == float("-inf"), float("nan"), tl.maximum(best + x_norm, 0.0))
+    tl.store(dist_ptr + rows, sq_dist, mask=row_ok)
 
     if STATS:
         slot = (rows // rows_per_group).to(tl.int64) * L + best_idx

@@ -1,4 +1,9 @@
-"""The reference ops of srcid.ops against float64 brute force, and the impl dispatch."""
+"""The reference ops of srcid.ops against float64 brute force, and the impl dispatch.
+
+The dispatch tests that run the fused kernels build their inputs on the
+``device`` fixture: the GPU where CUDA is present (compiled kernels), else the
+CPU (Triton's interpreter).
+"""
 import os
 import subprocess
 import sys
@@ -187,43 +192,59 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _small_calls(impl=None):
-    x, codebook = torch.randn(8, 4), torch.randn(5, 4)
+def _small_calls(device, impl=None):
+    """One call of each op on ``device``; returns the results, to compare implementations."""
+    gen = torch.Generator().manual_seed(17)
+    x, codebook = torch.randn(8, 4, generator=gen).to(device), torch.randn(5, 4, generator=gen).to(device)
     out = ops.nearest_code(x, codebook, stats=True, impl=impl)
-    ops.ema_update_(torch.ones(5), torch.zeros(5, 4), codebook.clone(), out.counts, out.sums, decay=0.9, eps=1e-5, impl=impl)
-    ops.club_loglik(torch.zeros(6, 4), torch.zeros(6, 4), torch.ones(6, 4), impl=impl)
+    state = [torch.ones(5, device=device), torch.zeros(5, 4, device=device), codebook.clone()]
+    ops.ema_update_(*state, out.counts, out.sums, decay=0.9, eps=1e-5, impl=impl)
+    mu, logvar, y = (torch.randn(6, 4, generator=gen).to(device) for _ in range(3))
+    club = ops.club_loglik(mu, logvar, y, impl=impl)
+    return out, state, club
 
 
 def test_auto_uses_reference_on_cpu(fused_calls):
     assert ops.current_kernels() == "auto"
     assert ops.resolve(None, torch.device("cpu")) == "reference"
     assert ops.resolve(None, torch.device("cuda")) == "fused"
-    _small_calls()
+    _small_calls(torch.device("cpu"))
     assert fused_calls == []
 
 
-def test_impl_argument_selects_fused(fused_calls):
-    _small_calls(impl="fused")
+def test_auto_uses_fused_on_cuda(fused_calls, cuda_device):
+    _small_calls(cuda_device)
+    assert fused_calls == ["nearest_code_fused", "ema_update_fused_", "club_loglik_fused"]
+
+
+def test_impl_argument_selects_fused(fused_calls, device):
+    fused = _small_calls(device, impl="fused")
     assert fused_calls == ["nearest_code_fused", "ema_update_fused_", "club_loglik_fused"]
     fused_calls.clear()
-    _small_calls(impl="reference")
+    reference = _small_calls(device, impl="reference")
     assert fused_calls == []
+    # the same numbers both ways
+    assert torch.equal(fused[0].indices, reference[0].indices) and torch.equal(fused[0].counts, reference[0].counts)
+    for got, want in zip((fused[0].sq_dist, fused[0].sums, *fused[1], *fused[2]),
+                         (reference[0].sq_dist, reference[0].sums, *reference[1], *reference[2])):
+        assert got.device.type == device.type
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_environment_variable_selects_fused(fused_calls, monkeypatch):
+def test_environment_variable_selects_fused(fused_calls, monkeypatch, device):
     monkeypatch.setenv("SRCID_KERNELS", "fused")
-    _small_calls()
+    _small_calls(device)
     assert len(fused_calls) == 3
     monkeypatch.setenv("SRCID_KERNELS", "bogus")
     with pytest.raises(SrcidError, match="SRCID_KERNELS='bogus'"):
-        _small_calls()
+        _small_calls(device)
 
 
-def test_set_kernels_overrides_environment(fused_calls, monkeypatch):
+def test_set_kernels_overrides_environment(fused_calls, monkeypatch, device):
     monkeypatch.setenv("SRCID_KERNELS", "reference")
     ops.set_kernels("fused")
     assert ops.current_kernels() == "fused"
-    _small_calls()
+    _small_calls(device)
     assert len(fused_calls) == 3
     ops.set_kernels(None)
     assert ops.current_kernels() == "reference"
