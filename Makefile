@@ -40,5 +40,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only
 
+# On a GPU machine, with its own python3 (CUDA build of torch, triton; no .venv is made): versions,
+# offline wheels from .whl/, compile check, kernel tests on CUDA, bench/kernel_table.py and a short
+# paper-preset training run, logged into $OUT (else out/device_check). docs/KERNELS.md, "Benchmarks".
+.PHONY: device-check
+device-check:
+	PYTHON=$(PYTHON) bash bench/device_check.sh
+
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks
