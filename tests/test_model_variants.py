@@ -195,22 +195,26 @@ def test_text_front_end_matches_a_packed_bidirectional_lstm():
     torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_text_is_cut_or_padded_and_the_mask_is_honoured():
-    model = tiny_model("dcid")
+@pytest.mark.parametrize("target, dim", [("lstm", 16), ("features", 32)])  # front-end output 2 x 8; input tokens
+def test_text_is_cut_or_padded_and_the_mask_is_honoured(target, dim):
+    model = tiny_model("dcid", text_target=target)
     model.eval()
     batch = random_batch(batch=3, words=14)  # longer than T = 10: cut
     out = model(batch)
-    assert out.layers[0].targets["text"].shape == (3, 10, 16)
+    assert out.layers[0].targets["text"].shape == (3, 10, dim)
+    if target == "features":
+        torch.testing.assert_close(out.layers[0].targets["text"], batch.features["text"][:, :10], rtol=0, atol=0)
     short = random_batch(batch=3, words=4)  # shorter: zero-padded
     out = model(short)
     mask = out.layers[0].masks["text"]
     assert mask.shape == (3, 10) and not mask[:, 4:].any()
-    assert torch.equal(out.layers[0].targets["text"][~mask], torch.zeros(int((~mask).sum()), 16))
-    # changing padded words changes nothing of the real steps' front-end output
+    assert torch.equal(out.layers[0].targets["text"][~mask], torch.zeros(int((~mask).sum()), dim))
+    # changing padded words changes nothing of the real steps' targets and general features
     noisy = random_batch(batch=3, words=4)
     noisy.features["text"] = short.features["text"] + (~short.masks["text"])[..., None] * 5.0
     again = model(noisy)
     torch.testing.assert_close(again.layers[0].targets["text"], out.layers[0].targets["text"])
+    torch.testing.assert_close(again.layers[0].general["text"][mask], out.layers[0].general["text"][mask])
 
 
 def test_state_dict_round_trip_keeps_codebooks_and_steps():
