@@ -7,6 +7,7 @@ a :class:`~srcid.errors.SrcidError` naming the key and listing the valid ones.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -97,6 +98,23 @@ def apply_overrides(obj, overrides: list[str] | None):
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def with_absent_keys(data: dict, absent: dict) -> dict:
+    """``data`` (a saved config, nested dicts) with each dotted key of ``absent`` that it lacks set to its value there.
+
+    A key added to a config after files were saved gets, in a file saved before, the value that reproduces that
+    file's behaviour, not today's default. ``data`` is not changed; a key whose parent is missing is left alone.
+    """
+    out = copy.deepcopy(data)
+    for key, value in absent.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
 
 
 def from_dict(cls, data: dict, where: str = "config"):

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from srcid.config import apply_overrides, from_dict, valid_keys
+from srcid.config import apply_overrides, from_dict, to_dict, valid_keys
 from srcid.errors import SrcidError
 
 
@@ -45,3 +45,29 @@ def test_valid_keys_and_from_dict():
     assert cfg.steps == 3 and cfg.inner.rate == 1.0
     with pytest.raises(SrcidError, match="bogus"):
         from_dict(Outer, {"bogus": 1})
+
+
+def test_absent_keys_get_the_value_the_saved_file_meant():
+    from srcid.config import with_absent_keys
+
+    saved = {"a": 1, "club": {"hidden": 8}, "quantizer": {"init": "kmeans"}}
+    filled = with_absent_keys(saved, {"text_target": "lstm", "club.logvar_range": 1.0, "quantizer.init": "uniform",
+                                      "cpc.lstm_layers": 2})
+    assert filled == {"a": 1, "text_target": "lstm", "club": {"hidden": 8, "logvar_range": 1.0},
+                      "quantizer": {"init": "kmeans"}}  # a key present stays; a missing parent is left alone
+    assert saved == {"a": 1, "club": {"hidden": 8}, "quantizer": {"init": "kmeans"}}  # the input is not changed
+
+
+def test_a_run_config_saved_before_the_relative_trigger_keeps_the_absolute_one(tmp_path):
+    import json
+
+    from srcid.train.trainer import default_run_config, load_run_config
+
+    config = default_run_config("srcid", "tiny")
+    data = to_dict(config)
+    del data["warm_start"]["mi_rel_threshold"], data["model"]["text_target"]
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(data))
+    loaded = load_run_config(path)
+    assert loaded.warm_start.mi_rel_threshold == 0.0 and loaded.model.text_target == "lstm"
+    assert loaded.warm_start.window_steps == config.warm_start.window_steps  # a key present is read as saved

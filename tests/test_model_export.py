@@ -192,3 +192,38 @@ def test_read_sidecar_and_device(tmp_path):
     assert read_sidecar(path)["extra"]["step"] == 3
     if not torch.cuda.is_available():
         one_line_error(lambda: load_model(path, device="cuda"), "CUDA")
+
+
+def test_a_sidecar_saved_before_later_keys_loads_with_the_behaviour_it_had(tmp_path):
+    """Keys added to the model config after a model was saved take the value the saving code meant, not today's
+    default: a model without ``text_target`` rebuilt the BiLSTM output, so its decoder has the BiLSTM's width."""
+    from srcid.model.config import ABSENT_MEANS
+
+    config = model_config("tiny")
+    for key, value in ABSENT_MEANS.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    torch.manual_seed(0)
+    model = build_model("srcid", config, SHAPES)
+    model.eval()
+    path = export(model, tmp_path / "model.safetensors")
+
+    def forget(info):
+        for key in ABSENT_MEANS:
+            *parents, leaf = key.split(".")
+            node = info["config"]
+            for part in parents:
+                node = node[part]
+            del node[leaf]
+
+    rewrite_sidecar(path, forget)
+    assert "text_target" not in json.loads(sidecar_path(path).read_text())["config"]
+    loaded, _ = load_model(path)
+    assert to_dict(loaded.config) == to_dict(model.config)
+    assert loaded.config.text_target == "lstm" and loaded.config.video_specific == "head"
+    batch = random_batch(4, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).layers[1].quantized["audio"], model(batch).layers[1].quantized["audio"])

@@ -18,6 +18,13 @@ DEAD_CODE_SOURCES = ("batch", "active_code")
 VIDEO_SPECIFIC = ("head", "map")
 TEXT_TARGETS = ("lstm", "features")
 LAYER2_INPUT_NORMS = ("none", "layer")
+# Keys added after models were first saved, with the value a saved config that lacks them meant: the behaviour of
+# the code that wrote it (srcid.config.with_absent_keys). Today's default of each is given by ModelConfig.
+ABSENT_MEANS = {
+    "normalize_inputs": False, "quantizer.init": "uniform", "quantizer.dead_code": "steps",
+    "quantizer.dead_code_source": "active_code", "video_specific": "head", "text_target": "lstm",
+    "layer2_detach_target": False, "layer2_input_norm": "none", "club.logvar_range": 1.0,
+}
 
 
 @dataclass

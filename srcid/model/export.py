@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from srcid import __version__
-from srcid.config import from_dict, to_dict
+from srcid.config import from_dict, to_dict, with_absent_keys
 from srcid.errors import SrcidError
-from srcid.model.config import ModelConfig
+from srcid.model.config import ABSENT_MEANS, ModelConfig
 from srcid.model.variants import build_model, get_variant
 
 FORMAT = "srcid-model"
@@ -159,7 +159,7 @@ def load_model(path, device="cpu") -> tuple:
     except SrcidError as exc:
         raise SrcidError(f"{where}: key variant: {exc}") from None
     try:
-        config = from_dict(ModelConfig, info["config"], where="config")
+        config = from_dict(ModelConfig, with_absent_keys(info["config"], ABSENT_MEANS), where="config")
     except SrcidError as exc:
         raise SrcidError(f"{where}: key {exc}") from None
     except (TypeError, AttributeError, ValueError) as exc:

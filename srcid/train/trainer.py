@@ -28,9 +28,11 @@ from typing import Optional
 
 import torch
 
-from srcid.config import apply_overrides, from_dict, to_dict
+from srcid.config import apply_overrides, from_dict, to_dict, with_absent_keys
 from srcid.errors import SrcidError
 from srcid.train.collapse import CollapseConfig, CollapseMonitor
+from srcid.model.config import ABSENT_MEANS as MODEL_ABSENT_MEANS
+from srcid.train.warm_start import ABSENT_MEANS as WARM_START_ABSENT_MEANS
 from srcid.train.warm_start import WarmStart, WarmStartConfig
 
 VARIANTS = ("srcid", "dcid", "dcid-fsq", "dcid-rvq2", "dcid-rvq3", "dcid-rvq4")
@@ -536,8 +538,9 @@ def load_run_config(path: Path) -> RunConfig:
 
     data = read_json(path)
     config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(path))
-    config.model = from_dict(_run_config_types(), data["model"], f"{path}: model")
-    config.warm_start = from_dict(WarmStartConfig, data["warm_start"], f"{path}: warm_start")
+    config.model = from_dict(_run_config_types(), with_absent_keys(data["model"], MODEL_ABSENT_MEANS), f"{path}: model")
+    config.warm_start = from_dict(WarmStartConfig, with_absent_keys(data["warm_start"], WARM_START_ABSENT_MEANS),
+                                  f"{path}: warm_start")
     return config
 
 

@@ -65,6 +65,10 @@ MODES = ("mi", "epoch", "off")
 _STATE_VERSION = 2  # 2 adds the peak; version 1 states (no peak) still load
 
 
+# keys added after runs were first saved, with what a saved run config that lacks them meant (see srcid.config)
+ABSENT_MEANS = {"mi_rel_threshold": 0.0}
+
+
 @dataclass
 class WarmStartConfig:
     """Settings of the two-stage schedule (see the module docstring)."""
