@@ -227,3 +227,22 @@ def test_a_sidecar_saved_before_later_keys_loads_with_the_behaviour_it_had(tmp_p
     batch = random_batch(4, torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).layers[1].quantized["audio"], model(batch).layers[1].quantized["audio"])
+
+
+def test_round_trip_with_centred_layer2_keeps_the_running_mean(tmp_path):
+    config = model_config("tiny")
+    config.layer2_center = True
+    torch.manual_seed(0)
+    model = build_model("srcid", config, SHAPES)
+    fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        train_step(model, fitter, optimizer, random_batch(8, generator), layer2_weight=1.0)
+    model.eval()
+    path = export(model, tmp_path / "model.safetensors")
+    loaded, _ = load_model(path)
+    assert loaded.config.layer2_center and loaded.layers[1].centre.ready.item() == 1.0
+    assert torch.equal(loaded.layers[1].centre.running_mean, model.layers[1].centre.running_mean)
+    batch = random_batch(4, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).layers[1].indices["video"], model(batch).layers[1].indices["video"])

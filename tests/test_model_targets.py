@@ -129,3 +129,39 @@ def test_unknown_layer2_input_norm_is_a_one_line_error():
     config.layer2_input_norm = "batch"
     with pytest.raises(SrcidError, match="layer2_input_norm='batch': choose one of none, layer"):
         config.validate()
+
+
+def test_layer2_center_takes_out_the_batch_mean_and_evaluation_uses_the_running_mean():
+    b = batch()
+    m = model(layer2_center=True)
+    assert model().layers[1].centre is None and not any("centre" in k for k in model().state_dict())
+    centre = m.layers[1].centre
+    m.train()
+    raw = {}
+    hook = m.layers[1].general["audio"].register_forward_hook(lambda mod, args, out: raw.update(audio=out.detach()))
+    out = m(b)
+    hook.remove()
+    z = out.layers[1].general["audio"].detach().double()
+    want_mean = raw["audio"].double().mean(dim=(0, 1))
+    torch.testing.assert_close(z, raw["audio"].double() - want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.mean(dim=(0, 1)), torch.zeros_like(want_mean), rtol=0, atol=1e-5)
+    torch.testing.assert_close(centre.running_mean[0].double(), want_mean, rtol=1e-5, atol=1e-6)  # first batch: set
+    # text's mean is over real tokens only
+    text = out.layers[1].general["text"].detach().double()
+    mask = out.layers[1].masks["text"]
+    torch.testing.assert_close(text[mask].mean(0), torch.zeros(text.shape[-1], dtype=torch.float64), rtol=0, atol=1e-5)
+    first = centre.running_mean.clone()
+    m(batch(seed=1))
+    assert not torch.equal(centre.running_mean, first)  # later batches move it by an EMA step
+    # evaluation: the running mean, whatever the batch; encode agrees with forward
+    m.eval()
+    running = centre.running_mean.clone()
+    raw.clear()
+    hook = m.layers[1].general["audio"].register_forward_hook(lambda mod, args, out: raw.update(audio=out.detach()))
+    out = m(b)
+    hook.remove()
+    torch.testing.assert_close(out.layers[1].general["audio"], raw["audio"] - running[0], rtol=0, atol=1e-6)
+    assert torch.equal(centre.running_mean, running)
+    y = out.layers[0].specific["audio"]
+    indices, _, _ = m.layers[1].encode(y, "audio")
+    assert torch.equal(indices, out.layers[1].indices["audio"])

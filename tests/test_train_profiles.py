@@ -21,8 +21,9 @@ def test_authors_profile_sets_every_authors_choice(tmp_path):
     assert config.warm_start.mode == "epoch" and config.warm_start.switch_epoch == 3
     assert config.warm_start.epoch_layer2_weight == pytest.approx(0.3)
     assert m.text_target == "lstm" and m.layer2_detach_target is False and m.layer2_input_norm == "none"
+    assert m.layer2_center is False
     assert m.club.standardize_y is False and m.club.logvar_range == 1.0 and config.warm_start.mi_rel_threshold == 0
-    assert len(PROFILES["authors"]) == 18
+    assert len(PROFILES["authors"]) == 19
 
 
 def test_default_profile_changes_nothing_and_explicit_settings_win(tmp_path):

@@ -23,7 +23,7 @@ LAYER2_INPUT_NORMS = ("none", "layer")
 ABSENT_MEANS = {
     "normalize_inputs": False, "quantizer.init": "uniform", "quantizer.dead_code": "steps",
     "quantizer.dead_code_source": "active_code", "video_specific": "head", "text_target": "lstm",
-    "layer2_detach_target": False, "layer2_input_norm": "none", "club.logvar_range": 1.0,
+    "layer2_detach_target": False, "layer2_input_norm": "none", "layer2_center": False, "club.logvar_range": 1.0,
 }
 
 
@@ -135,6 +135,9 @@ class ModelConfig:
     # authors' code) or "layer" (each step's vector standardised over its dimensions, no learned scale: layer 1's
     # specific output has whatever scale training gives it, and a small one starves layer 2's codebook)
     layer2_input_norm: str = "none"
+    # take the batch mean of layer 2's general features out before quantization (running mean in evaluation):
+    # their shared component otherwise grows at the warm-start switch until every feature falls on one code
+    layer2_center: bool = False
     # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
     # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
     layer2_detach_target: bool = True

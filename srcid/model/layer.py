@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from srcid.model.centre import GeneralCentre
 from srcid.model.config import ModelConfig
 from srcid.model.cpc import CrossModalCPC
 from srcid.model.decoders import VectorDecoder, VideoDecoder
@@ -45,7 +46,7 @@ class DisentangleLayer(nn.Module):
     """
 
     def __init__(self, in_shapes: dict, config: ModelConfig, quantizer: Quantizer, *, specific_dim: Optional[int],
-                 target_dims: Optional[dict] = None):
+                 target_dims: Optional[dict] = None, centre_general: bool = False):
         super().__init__()
         self.modalities = tuple(in_shapes)
         self.in_shapes = dict(in_shapes)
@@ -64,6 +65,8 @@ class DisentangleLayer(nn.Module):
                 self.decoders[m] = VectorDecoder(config.hidden, out, (target_dims or {}).get(m, shape[0]))
             self.specific_dims[m] = self.specific[m].out_dim
         self.quantizer = quantizer
+        # the batch mean of the general features taken out before quantization (model.layer2_center; centre.py)
+        self.centre = GeneralCentre(self.modalities, config.hidden) if centre_general else None
         self.cpc = CrossModalCPC(self.modalities, config.hidden, config.cpc)
         self.hidden = config.hidden
 
@@ -71,6 +74,8 @@ class DisentangleLayer(nn.Module):
                 targets: Optional[dict] = None) -> LayerOutput:
         """One layer on ``inputs``; the decoders rebuild ``targets`` (default: the inputs)."""
         general = {m: self.general[m](inputs[m], masks.get(m)) for m in self.modalities}
+        if self.centre is not None:
+            general = self.centre(general, masks, update=update, reduce=self.quantizer._reduce)
         specific, decoder_inputs = {}, {}
         for m in self.modalities:
             specific[m], decoder_inputs[m] = self.specific[m](inputs[m])
@@ -90,6 +95,8 @@ class DisentangleLayer(nn.Module):
     def encode(self, x: torch.Tensor, modality: str, mask: Optional[torch.Tensor] = None, *, specific: bool = False) -> tuple:
         """``(indices, quantized, specific output or None)`` of one modality, without codebook updates."""
         z = self.general[modality](x, mask)
+        if self.centre is not None:
+            z = self.centre({modality: z}, {}, update=False)[modality]
         q = self.quantizer({modality: z}, update=False)
         y = self.specific[modality](x)[0] if specific else None
         return q.indices[modality], q.quantized[modality], y

@@ -84,7 +84,8 @@ class SrcidModel(nn.Module):
                                    target_dims={"text": self.specs["text"].shape[-1]} if text_features else None)]
         for k in range(1, num_layers):
             shapes = {m: (layers[-1].specific_dims[m],) for m in self.modalities}
-            layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None))
+            layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None,
+                                           centre_general=config.layer2_center))
         self.layers = nn.ModuleList(layers)
         self.steps = StepCounter()
         self.batch_gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None

@@ -58,6 +58,7 @@ PROFILES = {
         "model.normalize_inputs=false", "model.quantizer.init=uniform", "model.quantizer.dead_code=steps",
         "model.quantizer.dead_code_source=active_code", "model.video_specific=head", "model.text_mask=false",
         "model.text_target=lstm", "model.layer2_detach_target=false", "model.layer2_input_norm=none",
+        "model.layer2_center=false",
         "model.club.standardize_y=false", "model.club.logvar_range=1", "model.club.estimator=sampled", "model.cpc.lstm_layers=2", "model.weights.average_layers=false",
         "warm_start.mode=epoch", "warm_start.switch_epoch=3", "warm_start.epoch_layer2_weight=0.3",
         "warm_start.mi_rel_threshold=0",
