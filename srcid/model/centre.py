@@ -51,12 +51,11 @@ class GeneralCentre(nn.Module):
                 reduce: Optional[Callable[[list], list]] = None) -> dict:
         if update:
             means = self.batch_means(general, masks, reduce)
-            with torch.no_grad():
-                if self.ready.item() > 0.5:
-                    self.running_mean.lerp_(means.to(self.running_mean.dtype), self.momentum)
-                else:
-                    self.running_mean.copy_(means)
-                    self.ready.fill_(1.0)
+            with torch.no_grad():  # the first batch sets the running mean, later ones move it; no host sync
+                means_ = means.to(self.running_mean.dtype)
+                self.running_mean.copy_(torch.where(self.ready > 0.5, self.running_mean.lerp(means_, self.momentum),
+                                                    means_))
+                self.ready.fill_(1.0)
         else:
             means = self.running_mean
         row = {m: i for i, m in enumerate(self.modalities)}
