@@ -5,7 +5,9 @@ driver or device is needed. For each kernel, each config its autotuner may
 pick on a GPU, each constexpr specialisation the wrappers launch, and each
 target architecture, :func:`compile_all` records the registers per thread,
 the bytes spilled to local memory (``ptxas -v``), the shared memory, and
-whether the PTX uses tensor-core instructions (``mma`` / ``wgmma``).
+which tensor-core instruction the PTX uses (``wgmma``, ``mma`` or none).
+Kernels in :data:`TENSOR_CORE_KERNELS` must use one in every config: a
+compile without is counted like a spill (reported, exit status 1).
 
 The autotuner's GPU configs exist only when Triton's interpreter is off
 (under ``TRITON_INTERPRET=1`` each kernel has one small interpreter config
@@ -14,8 +16,9 @@ without it::
 
     env -u TRITON_INTERPRET python -m kernels.compile_check [--arch 80 90] [--json FILE]
 
-Pointers are compiled as float32 (index buffers as int64), which is what the
-wrappers pass: they cast inputs of other dtypes to float32 first.
+Pointers are compiled as float32 (index buffers as int64, the nearest-code
+row-paths buffer as int32), which is what the wrappers pass: they cast inputs
+of other dtypes to float32 first.
 """
 from __future__ import annotations
 
@@ -33,10 +36,16 @@ import time
 from typing import Optional
 
 ARCHS = (80, 90)  # A100, H100 / H200
-INDEX_POINTERS = {"idx_ptr", "order_ptr", "bounds_ptr"}  # int64 buffers; every other pointer is float32
-FLOAT_SCALARS = {"decay", "one_minus_decay", "eps", "codes_eps"}
+INDEX_POINTERS = {"idx_ptr", "order_ptr", "bounds_ptr"}  # int64 buffers
+INT32_POINTERS = {"path_ptr"}  # every other pointer is float32
+FLOAT_SCALARS = {"decay", "one_minus_decay", "eps", "codes_eps", "bound_xc", "bound_cc", "bound_abs"}
 # constexpr values the wrappers launch with, besides the configs' block sizes
-SPECIALISATIONS = {"_nearest_code_kernel": ({"STATS": True}, {"STATS": False})}
+SPECIALISATIONS = {
+    "_nearest_code_kernel": ({"STATS": True}, {"STATS": False}),
+    "_nearest_code_tc_kernel": ({"STATS": True, "ROW_PATHS": False}, {"STATS": False, "ROW_PATHS": False}),
+}
+# kernels whose every config must put tensor-core instructions (mma / wgmma) in its PTX
+TENSOR_CORE_KERNELS = {"_nearest_code_tc_kernel"}
 KERNEL_MODULES = ("kernels.nearest_code", "kernels.club", "kernels.ema")
 
 
@@ -49,6 +58,7 @@ class CompileResult:
     spill_bytes: Optional[int] = None  # spill stores + spill loads
     shared_bytes: Optional[int] = None
     tensor_cores: Optional[bool] = None  # mma / wgmma in the PTX
+    tensor_core_op: Optional[str] = None  # "wgmma" (sm_90 warpgroup MMA), "mma" (mma.sync) or None
     seconds: float = 0.0
     error: Optional[str] = None  # the compiler's message when it failed
 
@@ -83,7 +93,7 @@ def _signature(arg_names: list, constexprs: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*i64" if name in INDEX_POINTERS else "*fp32"
+            signature[name] = "*i64" if name in INDEX_POINTERS else "*i32" if name in INT32_POINTERS else "*fp32"
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
@@ -134,7 +144,8 @@ def compile_one(name: str, config_index: int, extra: dict, arch: int) -> Compile
     result.spill_bytes = max(spills) if spills else 0
     result.shared_bytes = int(compiled.metadata.shared)
     ptx = compiled.asm.get("ptx", "")
-    result.tensor_cores = bool(re.search(r"\b(w?gmma|mma)\.", ptx))
+    result.tensor_core_op = "wgmma" if re.search(r"\bwgmma\.", ptx) else "mma" if re.search(r"\bmma\.", ptx) else None
+    result.tensor_cores = result.tensor_core_op is not None
     return result
 
 
@@ -161,6 +172,11 @@ def compile_all(archs=ARCHS, workers: Optional[int] = None) -> list:
             return list(pool.map(compile_one, *zip(*todo)))
 
 
+def missing_tensor_cores(results: list) -> list:
+    """Compiles of a kernel in :data:`TENSOR_CORE_KERNELS` whose PTX has no ``mma`` / ``wgmma``."""
+    return [r for r in results if r.ok and r.kernel in TENSOR_CORE_KERNELS and not r.tensor_cores]
+
+
 def to_markdown(results: list) -> str:
     lines = ["| kernel | config | sm | registers | spill bytes | shared bytes | tensor cores | s | error |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -168,7 +184,7 @@ def to_markdown(results: list) -> str:
         cells = [r.kernel, r.config, str(r.arch), str(r.registers if r.registers is not None else "-"),
                  str(r.spill_bytes if r.spill_bytes is not None else "-"),
                  str(r.shared_bytes if r.shared_bytes is not None else "-"),
-                 "-" if r.tensor_cores is None else ("yes" if r.tensor_cores else "no"), f"{r.seconds:.1f}",
+                 "-" if r.tensor_cores is None else (r.tensor_core_op or "no"), f"{r.seconds:.1f}",
                  r.error or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -192,14 +208,15 @@ def main(argv=None) -> int:
     print(to_markdown(results))
     failed = [r for r in results if not r.ok]
     spilled = [r for r in results if r.ok and r.spill_bytes]
-    print(f"\n{len(results)} compiles, {len(failed)} failed, {len(spilled)} spill")
+    no_tc = missing_tensor_cores(results)
+    print(f"\n{len(results)} compiles, {len(failed)} failed, {len(spilled)} spill, {len(no_tc)} lack tensor cores")
     if args.json:
         path = args.json
         tmp = f"{path}.tmp"
         with open(tmp, "w") as handle:
             json.dump([dataclasses.asdict(r) for r in results], handle, indent=1)
         os.replace(tmp, path)
-    return 1 if failed or spilled else 0
+    return 1 if failed or spilled or no_tc else 0
 
 
 if __name__ == "__main__":

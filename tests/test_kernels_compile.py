@@ -1,4 +1,5 @@
-"""Every kernel and every GPU autotune config compiles for sm_80 and sm_90 with Triton's compiler (no GPU needed)."""
+"""Every kernel and every GPU autotune config compiles for sm_80 and sm_90 with Triton's compiler (no GPU needed);
+the tf32x3 nearest-code kernel uses tensor cores (wgmma on sm_90, mma.sync on sm_80) and never spills."""
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ def test_every_kernel_and_config_compiles_for_ampere_and_hopper(tmp_path):
     out = tmp_path / "compile.json"
     result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "80", "90", "--json", str(out)],
                             cwd=REPO, env=_env(False), capture_output=True, text=True, timeout=600)
-    assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: some config spills (reported, not a failure here)
+    assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: some ieee config spills (reported)
     results = json.loads(out.read_text())
     # the same jobs as the kernels define: every autotuned kernel x GPU config x specialisation x arch
     listed = subprocess.run([sys.executable, "-c", "from kernels.compile_check import jobs; print(len(jobs()))"],
@@ -29,15 +30,25 @@ def test_every_kernel_and_config_compiles_for_ampere_and_hopper(tmp_path):
     assert len(results) == int(listed.stdout) >= 2 * 40
     failed = [(r["kernel"], r["config"], r["arch"], r["error"]) for r in results if r["error"]]
     assert not failed
-    assert {r["kernel"] for r in results} == {"_nearest_code_kernel", "_segment_sum_kernel", "_moments_kernel",
+    assert {r["kernel"] for r in results} == {"_nearest_code_kernel", "_nearest_code_tc_kernel",
+                                             "_segment_sum_kernel", "_moments_kernel",
                                              "_rows_kernel", "_grad_moments_kernel", "_grad_rows_kernel",
                                              "_cluster_size_kernel", "_embed_kernel"}
     assert {r["arch"] for r in results} == {80, 90}
     assert all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["shared_bytes"] >= 0 for r in results)
     summary = result.stdout.strip().splitlines()[-1]
     spilled = sum(1 for r in results if r["spill_bytes"])
-    assert summary == f"{len(results)} compiles, 0 failed, {spilled} spill"
+    assert summary == f"{len(results)} compiles, 0 failed, {spilled} spill, 0 lack tensor cores"
     assert (result.returncode == 1) == (spilled > 0)
+    # the tf32x3 kernel: every config the autotuner may pick, statistics on and off, on tensor cores without spills
+    tc = [r for r in results if r["kernel"] == "_nearest_code_tc_kernel"]
+    assert len(tc) >= 2 * 2 * 3 and {"STATS=True" in r["config"] for r in tc} == {True, False}
+    assert all(r["tensor_cores"] for r in tc)
+    assert {r["tensor_core_op"] for r in tc if r["arch"] == 90} == {"wgmma"}
+    assert {r["tensor_core_op"] for r in tc if r["arch"] == 80} == {"mma"}
+    assert [(r["config"], r["arch"], r["spill_bytes"]) for r in tc if r["spill_bytes"]] == []
+    # the IEEE kernel stays off the tensor cores (its dot lowers to FMAs)
+    assert not any(r["tensor_cores"] for r in results if r["kernel"] == "_nearest_code_kernel")
 
 
 def test_under_the_interpreter_it_is_a_one_line_error():
