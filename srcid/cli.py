@@ -2,7 +2,9 @@
 
 Each command group lives in its own module with a ``register(subparsers)``
 function; this file only assembles them and turns a :class:`SrcidError` into
-one line on stderr and a non-zero exit.
+one line on stderr and a non-zero exit (exit status 2, 1 for a data error),
+as it does an ``OSError`` that escaped the commands' own checks (a full disk,
+a folder made read-only mid-run): the path and the reason, exit status 1.
 """
 from __future__ import annotations
 
@@ -55,6 +57,11 @@ def main(argv=None) -> int:
     except SrcidError as exc:
         print(f"srcid: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        from srcid.errors import os_error_line
+
+        print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("srcid: interrupted", file=sys.stderr)
         return 130

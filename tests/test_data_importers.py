@@ -438,3 +438,47 @@ def test_cli_import_and_bad_input(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in bad.stderr
     assert "ucf2vggsound.csv: missing column 'video_id'" in lines[0]
+
+
+# ----------------------------------------------------------------------------- no silent overwrite
+
+
+def test_a_used_out_folder_is_refused_and_overwrite_replaces_it_whole(tmp_path, capsys):
+    """docs/RELIABILITY.md: an import never mixes with what --out held; --overwrite leaves no stale shard."""
+    import srcid.cli
+
+    make_ave(tmp_path / "src", np.random.default_rng(4))
+    out = tmp_path / "out"
+    run_importer("ave", tmp_path / "src", out, max_samples_per_shard=1)
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    assert "train-000003.tar" in before
+    with pytest.raises(SrcidError, match=r"--out .*out: exists and is not empty; pass --overwrite to replace it"):
+        run_importer("ave", tmp_path / "src", out, max_samples_per_shard=3)
+    assert srcid.cli.main(["data", "import", "ave", "--src", str(tmp_path / "src"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    # a failing import with --overwrite leaves the old folder as it was and no temporary folder behind
+    bad = tmp_path / "bad"
+    make_ave(bad, np.random.default_rng(4))
+    (bad / "labels.h5").unlink()
+    with pytest.raises(DataError):
+        run_importer("ave", bad, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out", "src"]
+
+    paths = run_importer("ave", tmp_path / "src", out, max_samples_per_shard=3, overwrite=True)
+    assert paths == [out / "dataset.json"]
+    manifest = json.loads((out / "dataset.json").read_text())
+    shards = {f"{split}-{i:06d}.tar" for split, info in manifest["splits"].items() for i in range(info["shards"])}
+    assert sorted(p.name for p in out.iterdir()) == sorted(shards | {"dataset.json"})
+    assert manifest["splits"]["train"] == {"samples": 4, "shards": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out", "src"]
+    # an empty folder is used as it is; --out inside the source is never replaced
+    (tmp_path / "empty").mkdir()
+    run_importer("ave", tmp_path / "src", tmp_path / "empty")
+    assert (tmp_path / "empty" / "dataset.json").is_file()
+    with pytest.raises(SrcidError, match="would delete the source"):
+        run_importer("ave", tmp_path / "src", tmp_path, overwrite=True)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 def _synth(args) -> int:
     from srcid.data.synth import synthesize
+    from srcid.errors import check_writable_folder
 
+    check_writable_folder(args.out, "--out")  # before any clip is rendered
     written = synthesize(args.preset, args.out, seed=args.seed, style=args.style)
     for path in written:
         print(f"wrote {path}")
@@ -25,7 +27,8 @@ def _check(args) -> int:
 def _import(args) -> int:
     from srcid.data.importers import run_importer
 
-    manifest_paths = run_importer(args.layout, args.src, args.out, max_samples_per_shard=args.shard_size)
+    manifest_paths = run_importer(args.layout, args.src, args.out, max_samples_per_shard=args.shard_size,
+                                  overwrite=args.overwrite)
     for path in manifest_paths:
         print(f"wrote {path}")
     return 0
@@ -55,6 +58,9 @@ def register(sub) -> None:
     p = data_sub.add_parser("import", help="convert an original feature layout into feature shards")
     p.add_argument("layout", choices=sorted(LAYOUTS))
     p.add_argument("--src", type=Path, required=True, help="the original dataset's root folder")
-    p.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the dataset folder to write (new or empty; it appears only once the import is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder that is not empty (the old content is deleted, no stale shard is kept)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.set_defaults(func=_import)

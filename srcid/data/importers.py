@@ -2,7 +2,11 @@
 
 ``srcid data import LAYOUT --src ROOT --out DIR`` reads one of the layouts
 below under ``ROOT`` and writes one dataset folder (shards + ``dataset.json``)
-with :class:`srcid.data.shards.DatasetWriter`. Every problem with the input
+with :class:`srcid.data.shards.DatasetWriter`. The folder is written as a
+hidden sibling ``.DIR.import-<pid>`` and renamed to ``DIR`` once complete, so
+``DIR`` never holds a half-written import; an existing ``DIR`` that is not
+empty is refused unless ``--overwrite`` is given, and then replaced whole (no
+stale shard of the old dataset is left). Every problem with the input
 (a missing file, csv column or zip, a zip without an array, a wrong shape, a
 label outside the classes) is a one-line :class:`DataError` naming the file
 and the field.
@@ -97,7 +101,9 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -108,7 +114,7 @@ from tqdm import tqdm
 
 from srcid.data.safe_pickle import load_npy_array, load_pickled_array
 from srcid.data.shards import DEFAULT_MAX_SAMPLES, DatasetWriter
-from srcid.errors import DataError, SrcidError
+from srcid.errors import DataError, SrcidError, check_writable_folder, write_error
 
 T = 10
 TEST_FRACTION = 0.2
@@ -638,16 +644,63 @@ LAYOUTS: dict[str, Callable] = {
 }
 
 
-def run_importer(layout: str, src, out, max_samples_per_shard: int = DEFAULT_MAX_SAMPLES, progress=None) -> list:
-    """Convert the original layout ``layout`` under ``src`` into a dataset folder ``out``; returns manifest paths."""
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if src.resolve() == out.resolve():
+        raise DataError(f"{out}: the output folder must differ from --src")
+    if out.exists() and not out.is_dir():
+        raise SrcidError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SrcidError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+        if out.resolve() in src.resolve().parents:
+            raise SrcidError(f"--out {out}: holds --src {src}; --overwrite would delete the source")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished ``staging`` folder at ``out``; an existing ``out`` is moved away first, then deleted."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)  # an empty out folder is replaced by the rename itself
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_importer(layout: str, src, out, max_samples_per_shard: int = DEFAULT_MAX_SAMPLES, progress=None,
+                 overwrite: bool = False) -> list:
+    """Convert the original layout ``layout`` under ``src`` into a dataset folder ``out``; returns manifest paths.
+
+    ``out`` must be new or empty, unless ``overwrite``: then the finished
+    import replaces it whole. The import is written into a hidden sibling
+    folder and renamed to ``out`` when complete; on any error that folder is
+    removed and ``out`` is left as it was.
+    """
     if layout not in LAYOUTS:
         raise SrcidError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError(f"{src}: not a folder (the original dataset's root)")
-    if src.resolve() == out.resolve():
-        raise DataError(f"{out}: the output folder must differ from --src")
+    if out.is_symlink():
+        out = out.resolve()  # replace the folder it points to, not the link
+    _check_out(src, out, overwrite)
+    check_writable_folder(out.parent, f"--out {out}: its folder")  # before anything is read
+    staging = out.with_name(f".{out.name}.import-{os.getpid()}")
     try:
-        return LAYOUTS[layout](src, out, max_samples_per_shard=max_samples_per_shard, progress=progress)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as exc:
+        raise write_error(staging, exc) from None
+    try:
+        paths = LAYOUTS[layout](src, staging, max_samples_per_shard=max_samples_per_shard, progress=progress)
+        try:
+            _swap_in(staging, out)
+        except OSError as exc:
+            raise SrcidError(f"--out {out}: cannot put the import in place: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         _read_fitted.cache_clear()
+    return [out / Path(p).relative_to(staging) for p in paths]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from srcid.cli import add_kernels_flag
-from srcid.errors import SrcidError
+from srcid.errors import SrcidError, check_writable_folder, write_error
 
 DATA_FOLDERS = "ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/"
 PROTOCOL_DESCRIPTIONS = {
@@ -34,13 +34,27 @@ def default_output(run: Path, weights: Path, protocol: str, layers, task: str) -
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write (or replace: evaluations are re-run) a JSON file atomically: temporary file, fsync, rename."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_output_file(flag: str, path: Path) -> None:
+    """Before any long work: ``path`` is not a folder and its folder exists (or is created) and is writable."""
+    if path.is_dir():
+        raise SrcidError(f"{flag} {path}: is a folder; name the file to write")
+    check_writable_folder(path.parent, f"{flag} {path}: its folder")
 
 
 def _positive(name: str, value: int) -> int:
@@ -62,8 +76,7 @@ def _eval(args) -> int:
     model, info, weights = open_model(args.run, args.device)
     layers = parse_layers(args.layers, model)
     out = args.out or default_output(args.run, weights, args.protocol, layers, args.task)
-    if out.is_dir():
-        raise SrcidError(f"--out {out}: is a folder; name the JSON file to write")
+    _check_output_file("--out", out)  # before the heads train, not after
     encoder = FeatureEncoder(model, layers, batch_size=args.batch_size)
     settings = EvalSettings(protocol=args.protocol, seeds=seed_list(args.seeds), epochs_cls=args.epochs_cls,
                             epochs_loc=args.epochs_loc, background=not args.no_background, device=str(encoder.device),
@@ -160,6 +173,9 @@ def _inspect(args) -> int:
         raise SrcidError(f"--plot {plot}: is a folder; name the PNG file to write")
     if plot is not None and args.json is not None and plot.resolve() == args.json.resolve():
         raise SrcidError(f"--plot {plot}: the same file as --json")
+    for flag, path in (("--json", args.json), ("--plot", plot)):
+        if path is not None:
+            _check_output_file(flag, path)
     model, info, weights = open_model(args.run, args.device)
     device = next(model.parameters()).device
     manifest = load_manifest(args.data)

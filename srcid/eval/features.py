@@ -30,7 +30,7 @@ from srcid.data import validate
 from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
-from srcid.errors import DataError, SrcidError
+from srcid.errors import DataError, SrcidError, check_writable_folder, write_error
 from srcid.model.export import WEIGHTS_SUFFIX, load_model
 from srcid.model.inputs import fit_steps
 
@@ -310,6 +310,7 @@ def encode_dataset(model, info: dict, dataset_dir, out_dir, *, layers: tuple, sp
         raise SrcidError(f"--out {out_dir}: the codes need a folder of their own, not the dataset folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SrcidError(f"--out {out_dir}: exists and is not an empty folder")
+    check_writable_folder(out_dir, "--out")  # before anything is encoded
     splits = list(manifest.splits) if splits is None else list(splits)
     unknown = [s for s in splits if s not in manifest.splits]
     if unknown:
@@ -370,5 +371,10 @@ def _encodable_carried(scan: SplitScan, encodable) -> tuple:
 def _write_codes_info(folder: Path, info: dict) -> None:
     target = folder / CODES_INFO
     tmp = folder / f".{CODES_INFO}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)

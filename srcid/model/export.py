@@ -6,10 +6,13 @@
   (codebooks, EMA statistics and the step counter included; the CLUB nets
   are not part of the model), and
 * ``model.json``: the variant, the model config as a dict, the input shapes,
-  the srcid version, the SHA-256 of the weights file and ``extra`` (e.g. the
-  run directory and the training step),
+  the srcid version, the SHA-256 of the weights file (hashed from the bytes
+  written) and ``extra`` (e.g. the run directory and the training step),
 
-each written under a temporary name and renamed. :func:`load_model` rebuilds
+each written under a temporary name and renamed (a failed write is one line
+naming the file). :func:`load_model` checks the weights file against the
+recorded SHA-256 first (a mismatch: one line saying the file is corrupt; a
+sidecar without the key loads unverified), then rebuilds
 the model with :func:`srcid.model.variants.build_model` from the JSON and
 loads the tensors with safetensors, so nothing is ever unpickled. Every
 problem (a missing file, a JSON that does not describe the weights, a tensor
@@ -29,7 +32,7 @@ from safetensors.torch import load_file, save
 
 from srcid import __version__
 from srcid.config import from_dict, to_dict, with_absent_keys
-from srcid.errors import SrcidError
+from srcid.errors import CorruptFileError, SrcidError, write_error
 from srcid.model.config import ABSENT_MEANS, ModelConfig
 from srcid.model.variants import build_model, get_variant
 
@@ -37,6 +40,7 @@ FORMAT = "srcid-model"
 FORMAT_VERSION = 1
 WEIGHTS_SUFFIX = ".safetensors"
 SIDECAR_KEYS = ("format", "format_version", "variant", "config", "input_shapes", "srcid_version", "weights_sha256", "extra")
+OPTIONAL_KEYS = ("weights_sha256",)  # absent or null: the weights load unverified
 
 
 def sidecar_path(path) -> Path:
@@ -59,12 +63,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_atomically(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def export_model(model, *, variant: str, config: ModelConfig, input_shapes: dict, path, extra: dict | None = None) -> Path:
     """Write ``model``'s inference weights to ``path`` (``*.safetensors``) and its JSON sidecar; returns ``path``.
 
@@ -78,32 +76,32 @@ def export_model(model, *, variant: str, config: ModelConfig, input_shapes: dict
     config.validate()
     shapes = {m: [None if s is None else int(s) for s in shape] for m, shape in input_shapes.items()}
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(save(tensors, metadata={"format": "pt", "srcid": FORMAT, "variant": variant}))
-        info = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "variant": variant,
-            "config": to_dict(config),
-            "input_shapes": shapes,
-            "srcid_version": __version__,
-            "weights_sha256": _sha256(tmp),
-            "extra": dict(extra or {}),
-        }
-        text = json.dumps(info, indent=2, default=str) + "\n"
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = save(tensors, metadata={"format": "pt", "srcid": FORMAT, "variant": variant})
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "config": to_dict(config),
+        "input_shapes": shapes,
+        "srcid_version": __version__,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),  # of the bytes written, not read back
+        "extra": dict(extra or {}),
+    }
+    text = json.dumps(info, indent=2, default=str) + "\n"
     target = sidecar_path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _replace_atomically(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for where, payload in ((path, data), (target, text.encode("utf-8"))):
+        tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, where)
+        except OSError as exc:
+            raise write_error(where, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -120,7 +118,7 @@ def read_sidecar(path) -> dict:
     if not isinstance(info, dict):
         raise SrcidError(f"{where}: must be a JSON object, found {type(info).__name__}")
     for key in SIDECAR_KEYS:
-        if key not in info:
+        if key not in info and key not in OPTIONAL_KEYS:
             raise SrcidError(f"{where}: key {key}: missing")
     unknown = sorted(set(info) - set(SIDECAR_KEYS))
     if unknown:
@@ -175,8 +173,16 @@ def load_model(path, device="cpu") -> tuple:
         model = build_model(info["variant"], config, shapes)
     except SrcidError as exc:
         raise SrcidError(f"{where}: key input_shapes: {exc}") from None
-    if _sha256(path) != info["weights_sha256"]:
-        raise SrcidError(f"{where}: key weights_sha256: does not match {path.name} (the two files come from different exports)")
+    expected = info.get("weights_sha256")
+    if expected is not None:
+        try:
+            actual = _sha256(path)
+        except OSError as exc:
+            raise SrcidError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if actual != expected:
+            raise CorruptFileError(
+                f"{path}: is corrupt (SHA-256 expected {str(expected)[:12]}, found {actual[:12]}; the expected sum is "
+                f"{where.name} key weights_sha256), or the two files come from different exports")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -10,7 +10,12 @@ Layout of a run directory::
 :class:`CheckpointManager` writes each checkpoint into ``.tmp-step-N`` and
 renames it to ``step-N`` only once every rank has finished its part, so a
 crash or a full disk never leaves a half-written checkpoint under a final
-name. The rest of the module saves and restores the state that DeepSpeed
+name. ``COMPLETE`` records the SHA-256 of every file of the checkpoint
+(hashed in parallel, each rank a share of the files, once all ranks have
+written theirs); :func:`verify_checkpoint` checks them before a checkpoint
+is used (``--resume``, ``srcid export``) and names a corrupt file in one
+line. Checkpoints written before the hashes were recorded load unverified.
+The rest of the module saves and restores the state that DeepSpeed
 does not hold: RNG states (per rank), small JSON state (step, epoch,
 position in the epoch, warm-start state, config) and plain tensor files.
 Every load is ``torch.load(weights_only=True)``: only tensors and plain
@@ -21,6 +26,7 @@ DeepSpeed data classes, see :func:`load_engine`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -34,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from srcid.errors import SrcidError
+from srcid.errors import CorruptFileError, SrcidError
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
@@ -44,6 +50,9 @@ ENGINE_TAG = "engine"
 _FINAL_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+_MARKER_RE = re.compile(r"^\.rank-\d+\.done$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+HASH_CHUNK = 1 << 20
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
@@ -75,6 +84,15 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             _fsync_path(Path(folder) / name)
         _fsync_path(Path(folder))
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -112,6 +130,99 @@ def is_complete(path) -> bool:
     return _FINAL_RE.match(path.name) is not None and (path / COMPLETE_FILE).is_file()
 
 
+def checkpoint_files(directory) -> list[str]:
+    """The files of a checkpoint directory (relative POSIX paths, sorted), without ``COMPLETE`` and rank markers."""
+    directory = Path(directory)
+    found = []
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            path = Path(folder) / name
+            rel = path.relative_to(directory).as_posix()
+            if rel == COMPLETE_FILE or (Path(folder) == directory and _MARKER_RE.match(name)):
+                continue
+            found.append(rel)
+    return sorted(found)
+
+
+def _corrupt(directory: Path, name: str, problem: str) -> CorruptFileError:
+    """``RUN: checkpoints/step-N/NAME PROBLEM``: the file named relative to the run directory."""
+    directory = Path(directory)
+    if directory.parent.name == CHECKPOINTS_DIR:
+        run, rel = directory.parent.parent, f"{CHECKPOINTS_DIR}/{directory.name}/{name}"
+    else:
+        run, rel = directory.parent, f"{directory.name}/{name}"
+    return CorruptFileError(f"{run}: {rel} {problem}")
+
+
+def recorded_hashes(directory) -> dict | None:
+    """``{relative path: SHA-256}`` from a checkpoint's ``COMPLETE``; None for a checkpoint written without them."""
+    directory = Path(directory)
+    path = directory / COMPLETE_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SrcidError(f"{directory}: not a complete checkpoint (no {COMPLETE_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise _corrupt(directory, COMPLETE_FILE, f"is corrupt (not a readable completion marker: {_one_line(exc)})") from None
+    if not isinstance(info, dict):
+        raise _corrupt(directory, COMPLETE_FILE, "is corrupt (not a JSON object)")
+    hashes = info.get("sha256")
+    if hashes is None:
+        return None
+    if not isinstance(hashes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _SHA256_RE.match(v) for k, v in hashes.items()):
+        raise _corrupt(directory, COMPLETE_FILE, "is corrupt (its sha256 entry is not a map of file to SHA-256)")
+    for name in hashes:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise _corrupt(directory, COMPLETE_FILE, f"is corrupt (names a file outside the checkpoint: {name!r})")
+    return hashes
+
+
+_MISSING, _UNREADABLE = -1, -2
+
+
+def verify_checkpoint(directory, *, rank: int = 0, world_size: int = 1,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
+    """Check every file of a checkpoint against the SHA-256 recorded in its ``COMPLETE``.
+
+    Returns True when verified, False for a checkpoint written without hashes
+    (loaded unverified). A mismatch, a missing or an unreadable file raises a
+    one-line :class:`CorruptFileError` naming the file relative to the run
+    directory, with the expected and found hash prefixes. With several ranks,
+    each hashes a share of the files and ``reduce`` (a sum over ranks of an
+    int64 tensor, e.g. an all-reduce) shares the results, so every rank
+    reaches the same verdict; every rank must call it.
+    """
+    directory = Path(directory)
+    hashes = recorded_hashes(directory)
+    if hashes is None:
+        return False
+    names = sorted(hashes)
+    codes = torch.zeros(len(names), dtype=torch.int64)
+    for i in range(rank, len(names), world_size):
+        try:
+            actual = file_sha256(directory / names[i])
+        except FileNotFoundError:
+            codes[i] = _MISSING
+            continue
+        except OSError:
+            codes[i] = _UNREADABLE
+            continue
+        # 0: intact; otherwise 1 + the first 48 bits of the hash found (shared in the same sum)
+        codes[i] = 0 if actual == hashes[names[i]] else 1 + int(actual[:12], 16)
+    if reduce is not None and world_size > 1:
+        codes = reduce(codes)
+    for name, code in zip(names, codes.tolist()):
+        if code == 0:
+            continue
+        if code == _MISSING:
+            raise _corrupt(directory, name, f"is missing (the checkpoint's {COMPLETE_FILE} lists it)")
+        if code == _UNREADABLE:
+            raise _corrupt(directory, name, "cannot be read")
+        raise _corrupt(directory, name, f"is corrupt (SHA-256 expected {hashes[name][:12]}, found {code - 1:012x})")
+    return True
+
+
 class CheckpointManager:
     """Atomic checkpoints in ``run_dir/checkpoints``, keeping the newest ``keep_last``.
 
@@ -124,13 +235,17 @@ class CheckpointManager:
        creates ``.tmp-step-N``; barrier;
     2. every rank runs ``write_fn(tmp_dir)`` (e.g. DeepSpeed's
        ``save_checkpoint``, which writes per-rank ZeRO shards, plus the
-       rank's RNG file) and, if it succeeded, a per-rank done-marker;
+       rank's RNG file); barrier;
+    3. every rank whose write succeeded hashes its share of all the files
+       (file ``i`` of the sorted list goes to rank ``i mod world_size``)
+       and writes the sums into its per-rank done-marker; barrier;
+    4. rank 0 checks that all ``world_size`` markers are there, merges
+       their sums (hashing any file no rank listed), fsyncs the tree,
+       writes ``COMPLETE`` with every file's SHA-256, renames to
+       ``step-N``, updates ``latest`` and prunes old checkpoints; if a
+       marker is missing it deletes the temporary directory instead;
        barrier;
-    3. rank 0 checks that all ``world_size`` markers are there, fsyncs the
-       tree, writes ``COMPLETE``, renames to ``step-N``, updates ``latest``
-       and prunes old checkpoints; if a marker is missing it deletes the
-       temporary directory instead; barrier;
-    4. every rank checks that ``step-N/COMPLETE`` exists: all ranks return
+    5. every rank checks that ``step-N/COMPLETE`` exists: all ranks return
        the same final path, or all raise :class:`SrcidError`.
 
     Ranks do not exchange the directory name: it is a function of the step.
@@ -190,11 +305,27 @@ class CheckpointManager:
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _write_hashes(self, tmp: Path) -> None:
+        """Hash this rank's share of the checkpoint's files into its done-marker (after every rank wrote)."""
+        share = checkpoint_files(tmp)[self.rank::self.world_size]
+        hashes = {name: file_sha256(tmp / name) for name in share}
+        with open(tmp / self._marker(self.rank), "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(hashes))
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
+        hashes = {}
         for rank in range(self.world_size):
-            (tmp / self._marker(rank)).unlink()
+            marker = tmp / self._marker(rank)
+            hashes.update(json.loads(marker.read_text(encoding="utf-8")))
+            marker.unlink()
+        for name in checkpoint_files(tmp):
+            if name not in hashes:  # a file another rank's listing did not show yet (a lagging shared file system)
+                hashes[name] = file_sha256(tmp / name)
         _fsync_tree(tmp)
-        info = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "sha256": dict(sorted(hashes.items()))}
         _write_atomic(tmp / COMPLETE_FILE, (json.dumps(info) + "\n").encode())
         if final.exists():
             self._discard(final)
@@ -235,9 +366,13 @@ class CheckpointManager:
                 if not tmp.is_dir():
                     raise FileNotFoundError(f"temporary directory {tmp} is missing (rank 0 could not create it)")
                 write_fn(tmp)
-                with open(tmp / self._marker(self.rank), "wb") as handle:
-                    os.fsync(handle.fileno())
             except Exception as exc:  # reported below as one line, with the cause chained
+                error = exc
+        self._barrier()
+        if error is None:  # every rank's files are written: each hashes its share into its done-marker
+            try:
+                self._write_hashes(tmp)
+            except Exception as exc:
                 error = exc
         self._barrier()
         if self.rank == 0:
@@ -248,7 +383,7 @@ class CheckpointManager:
                         shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     self._commit(step, tmp, final)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 error = error or exc
                 shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()

@@ -150,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, exported model)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (micro-batches; a multiple of gradient_accumulation)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the training split (default 6)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue the run in --out from its newest intact checkpoint (a corrupt newer one is "
+                             "skipped, with a warning), or from the checkpoint named (step-00001234 or 1234; an "
+                             "error if it is corrupt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in --out and start a new one (without it, a new run refuses a "
+                             "folder that is not empty)")
     parser.add_argument("--kernels", choices=("auto", "fused", "reference"), default=None,
                         help="hot-op implementation (default: $SRCID_KERNELS, else auto)")
     parser.add_argument("--deepspeed_config", type=Path, default=None,
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args) -> RunConfig:
     """The run config: saved one on resume (flags may not change it), else defaults + flags + overrides."""
     config_path = args.out / RUN_CONFIG_FILE
+    if args.resume and getattr(args, "overwrite", False):
+        raise SrcidError("--resume continues the run in --out, --overwrite deletes it: give one of them")
     if args.resume:
         if not config_path.is_file():
             raise SrcidError(f"--resume: {config_path} not found: {args.out} is not a run directory")
@@ -212,8 +220,11 @@ def apply_profile_and_overrides(config: RunConfig, overrides: list) -> RunConfig
 class Trainer:
     """Owns the engine, the CLUB fitter, the reader, the schedule, checkpoints and logs of one run."""
 
-    def __init__(self, config: RunConfig, data_dir: Path, run_dir: Path, *, resume: bool,
-                 ds_config_path: Optional[Path] = None, progress: bool = True):
+    def __init__(self, config: RunConfig, data_dir: Path, run_dir: Path, *, resume,
+                 ds_config_path: Optional[Path] = None, progress: bool = True, overwrite: bool = False):
+        """``resume``: False/None (a new run), True or ``"latest"`` (the newest intact checkpoint), or a
+        checkpoint's name (``step-00001234``, ``1234`` or its path). ``overwrite``: clear a run already in
+        ``run_dir`` first (a new run refuses a folder that is not empty otherwise)."""
         import deepspeed
 
         from srcid.data.reader import ShardLoader
@@ -223,6 +234,7 @@ class Trainer:
         from srcid.train.checkpoint import CheckpointManager
         from srcid.train.metrics_log import MetricsLogger
 
+        resume = "latest" if resume is True else (resume or None)
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
         self.dist = dist_helpers
         self.rank, self.world_size, self.local_rank, self.device = dist_helpers.init_distributed(timeout_s=config.timeout_s)
@@ -233,8 +245,22 @@ class Trainer:
             # Share the cores between the ranks of this machine instead of oversubscribing them.
             local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+        # Rank 0 checks (and with --overwrite clears) the run directory before anything is read or written;
+        # every rank learns the outcome in the same collective.
+        error = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                prepare_run_dir(self.run_dir, resume=resume is not None, overwrite=overwrite)
+            except SrcidError as exc:
+                error = exc
+        dist_helpers.stop_if_any_rank_failed(error)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, keep_last=config.keep_last, rank=self.rank, world_size=self.world_size,
+            barrier=dist_helpers.barrier,
+        )
+        self._resume_from, self._resume_info = None, None
+        if resume is not None:
+            self._resume_from = self._choose_checkpoint(resume)
 
         # Same initial weights and codebooks on every rank, then per-rank streams (dropout).
         dist_helpers.seed_everything(config.seed, 0)
@@ -276,16 +302,9 @@ class Trainer:
         self.warm = WarmStart(config.warm_start)
         if config.variant != "srcid":
             self.warm = None  # one-layer variants have no second stage
-        self.checkpoints = CheckpointManager(
-            self.run_dir, keep_last=config.keep_last, rank=self.rank, world_size=self.world_size,
-            barrier=dist_helpers.barrier,
-        )
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
-        if not resume and self.checkpoints.latest() is not None:
-            raise SrcidError(f"{self.run_dir} already holds a run with checkpoints; continue it with --resume "
-                             "or choose a new --out")
         if resume:
             self._resume()
         elif self.is_main:
@@ -294,6 +313,8 @@ class Trainer:
             write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config))
         dist_helpers.barrier()
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
+        if self._resume_info is not None:
+            self.logger.event(self.step, "resume", self._resume_info)
         if self.input_stats is not None:
             self.logger.event(0, "input_stats", self.input_stats)
 
@@ -327,9 +348,7 @@ class Trainer:
     def _resume(self) -> None:
         from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, read_json, rng_state_path
 
-        latest = self.checkpoints.latest()
-        if latest is None:
-            raise SrcidError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        latest = self._resume_from
         state = read_json(latest / TRAIN_STATE_FILE)
         missing = sorted({"step", "epoch", "step_in_epoch", "world_size", "warm_start"} - set(state))
         if missing:
@@ -346,6 +365,90 @@ class Trainer:
         if self.warm is not None and state["warm_start"] is not None:
             self.warm.load_state_dict(state["warm_start"])
         self.monitor.load_state_dict(state.get("collapse") or {})
+
+    def _named_checkpoint(self, name: str) -> Path:
+        """The checkpoint ``--resume NAME`` names: ``step-00001234``, ``1234`` or a path to it."""
+        from srcid.train.checkpoint import is_complete
+
+        text = str(name)
+        if text.isdigit():
+            path = self.checkpoints.path_for(int(text))
+        elif "/" not in text and os.sep not in text:
+            path = self.checkpoints.directory / text
+        else:
+            path = Path(text)
+        complete = ", ".join(p.name for p in self.checkpoints.checkpoints()) or "none"
+        if path.resolve().parent != self.checkpoints.directory.resolve() or not is_complete(path):
+            raise SrcidError(f"--resume {name}: not a complete checkpoint of {self.run_dir} (complete checkpoints in "
+                             f"{self.checkpoints.directory}: {complete})")
+        return path
+
+    def _choose_checkpoint(self, resume: str) -> Path:
+        """The checkpoint to resume from, verified against the SHA-256 sums its ``COMPLETE`` records.
+
+        ``"latest"``: the newest intact one; newer corrupt ones are set aside as ``step-N.corrupt`` and one
+        warning line says so. A named checkpoint that is corrupt is an error; one older than the newest is
+        resumed, and the newer ones are set aside as ``step-N.superseded`` (never loaded again). Every rank
+        takes part (each hashes a share of the files) and reaches the same choice.
+        """
+        from srcid.errors import CorruptFileError
+        from srcid.train.checkpoint import checkpoint_step, verify_checkpoint
+
+        def reduce(codes):
+            return self.dist.all_reduce_sum_(codes.to(self.device)).cpu()
+
+        def verify(path):
+            return verify_checkpoint(path, rank=self.rank, world_size=self.world_size, reduce=reduce)
+
+        complete = self.checkpoints.checkpoints()
+        corrupt = []
+        if resume == "latest":
+            if not complete:
+                raise SrcidError(f"--resume: no complete checkpoint in {self.checkpoints.directory}; start over "
+                                 "with --overwrite")
+            chosen = None
+            for path in reversed(complete):
+                try:
+                    verified = verify(path)
+                except CorruptFileError as exc:
+                    corrupt.append((path, str(exc)))
+                    continue
+                chosen = path
+                break
+            if chosen is None:
+                raise SrcidError(f"--resume: every checkpoint in {self.checkpoints.directory} is corrupt "
+                                 f"(newest: {corrupt[0][1]})")
+        else:
+            chosen = self._named_checkpoint(resume)
+            try:
+                verified = verify(chosen)
+            except CorruptFileError as exc:
+                raise CorruptFileError(f"--resume {resume}: {exc}") from None
+        newer = [p for p in complete if checkpoint_step(p) > checkpoint_step(chosen)]
+        self.dist.barrier()  # every rank has listed and verified the checkpoints before any is renamed
+        if self.is_main:
+            bad = {p for p, _ in corrupt}
+            for path in newer:
+                try:
+                    _set_aside(path, "corrupt" if path in bad else "superseded")
+                except OSError as exc:  # housekeeping: the run resumes all the same; a later save replaces it
+                    print(f"srcid: warning: could not rename {path} aside: {exc.strerror or exc}", file=sys.stderr)
+            rel = f"{self.checkpoints.directory.name}/{chosen.name}"
+            if corrupt:
+                names = ", ".join(p.name for p, _ in corrupt)
+                print(f"srcid: warning: {corrupt[0][1]}; resuming from {rel}, the newest intact checkpoint "
+                      f"(set aside as *.corrupt: {names})", file=sys.stderr)
+            elif newer:
+                print(f"srcid: resuming from {rel}; the newer checkpoints are set aside as *.superseded: "
+                      f"{', '.join(p.name for p in newer)}", file=sys.stderr)
+            if not verified:
+                print(f"srcid: note: {rel} records no SHA-256 sums (written by an older srcid); resuming from it "
+                      "unverified", file=sys.stderr)
+        self.dist.barrier()
+        self._resume_info = {"checkpoint": chosen.name, "verified": verified,
+                             "corrupt": [message for _, message in corrupt],
+                             "set_aside": [p.name for p in newer]}
+        return chosen
 
     def _fit_input_stats(self, model) -> dict:
         """Fit the model's input normaliser on the training split (or its first ``input_stats_clips`` clips of
@@ -521,6 +624,65 @@ class Trainer:
         self.dist.shutdown(synchronize=ok)
 
 
+def _set_aside(path: Path, why: str) -> Path:
+    """Rename a checkpoint directory to ``step-N.<why>`` (``-2``, ``-3``... if taken): kept, never loaded."""
+    target = path.with_name(f"{path.name}.{why}")
+    number = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.{why}-{number}")
+        number += 1
+    os.replace(path, target)
+    return target
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a training run (its ``run_config.json`` or a ``checkpoints/`` folder)."""
+    from srcid.train.checkpoint import CHECKPOINTS_DIR
+
+    return (path / RUN_CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir()
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check the run directory before a run reads or writes anything (rank 0 only).
+
+    A new run needs a new or empty folder; an existing run is continued with
+    ``--resume`` or deleted first with ``--overwrite`` (which clears only a
+    run directory, never another folder). The folder must be writable.
+    """
+    from srcid.errors import check_writable_folder
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SrcidError(f"--out {run_dir}: exists and is not a folder")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run_dir(run_dir):
+            raise SrcidError(f"--out {run_dir}: exists, is not empty and is not a run directory (no "
+                             f"{RUN_CONFIG_FILE}); choose a new or empty folder")
+        if not overwrite:
+            raise SrcidError(f"--out {run_dir}: already holds a run; continue it with --resume, or delete it and "
+                             "start a new one with --overwrite")
+        clear_run_dir(run_dir)
+    check_writable_folder(run_dir, "--out")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete everything in a run directory, ``run_config.json`` last (an interrupted clear is still a run)."""
+    import shutil
+
+    entries = sorted(run_dir.iterdir(), key=lambda p: p.name == RUN_CONFIG_FILE)
+    try:
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as exc:
+        from srcid.errors import os_error_reason
+
+        raise SrcidError(f"--overwrite: cannot clear {run_dir}: {exc.filename or run_dir}: "
+                         f"{os_error_reason(exc)}") from None
+
+
 def state_digest(state: dict) -> int:
     """A 62-bit digest of the exact bytes of a state dict's tensors (in key order)."""
     import hashlib
@@ -546,12 +708,18 @@ def load_run_config(path: Path) -> RunConfig:
 
 
 def export_run(run_dir: Path, out: Path) -> Path:
-    """Inference weights of a run's latest checkpoint as safetensors + JSON (``srcid export``)."""
-    from srcid.model.export import export_model
+    """Inference weights of a run's latest checkpoint as safetensors + JSON (``srcid export``).
+
+    The output folder is checked for writing first; the checkpoint is verified against the SHA-256 sums its
+    ``COMPLETE`` records (a corrupt file is a one-line error naming it; no fallback to an older checkpoint)."""
+    from srcid.errors import check_writable_folder
+    from srcid.model.export import _weights_path, export_model
     from srcid.model.variants import build_model
-    from srcid.train.checkpoint import CheckpointManager, load_module_state, read_json
+    from srcid.train.checkpoint import CheckpointManager, load_module_state, read_json, verify_checkpoint
 
     run_dir = Path(run_dir)
+    out = _weights_path(out)
+    check_writable_folder(out.parent, f"--out {out}: its folder")
     config_path = run_dir / RUN_CONFIG_FILE
     if not config_path.is_file():
         raise SrcidError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE})")
@@ -559,6 +727,7 @@ def export_run(run_dir: Path, out: Path) -> Path:
     latest = CheckpointManager(run_dir).latest()
     if latest is None:
         raise SrcidError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    verify_checkpoint(latest)  # a corrupt file is one line naming it; a checkpoint without sums loads unverified
     state = read_json(latest / TRAIN_STATE_FILE)
     model = build_model(config.variant, config.model, state["input_shapes"])
     try:
@@ -585,7 +754,7 @@ def main(argv=None) -> int:
             set_kernels(args.kernels)
         config = resolve_config(args)
         trainer = Trainer(config, args.data, args.out, resume=args.resume, ds_config_path=args.deepspeed_config,
-                          progress=not args.quiet)
+                          progress=not args.quiet, overwrite=args.overwrite)
         trainer.train()
         if trainer.is_main:
             print(f"run directory: {args.out.resolve()}")
@@ -594,6 +763,27 @@ def main(argv=None) -> int:
         return 0
     except SrcidError as exc:
         print(f"srcid: error: {exc}", file=sys.stderr)
-        if trainer is not None:
-            trainer.close(ok=trainer.dist.raised_on_every_rank(exc))
+        _stop(trainer, ok=_raised_on_every_rank(exc))
         return exc.exit_code
+    except OSError as exc:  # a write that failed after the checks (a full disk): one line naming the path
+        from srcid.errors import os_error_line
+
+        print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
+        _stop(trainer, ok=False)
+        return 1
+
+
+def _raised_on_every_rank(exc: BaseException) -> bool:
+    from srcid.train import distributed
+
+    return distributed.raised_on_every_rank(exc)
+
+
+def _stop(trainer, ok: bool) -> None:
+    """Tear the process group down after an error, also one started by a Trainer that failed to build."""
+    if trainer is not None:
+        trainer.close(ok=ok)
+        return
+    from srcid.train import distributed
+
+    distributed.shutdown(synchronize=ok)
