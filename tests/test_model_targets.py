@@ -165,3 +165,39 @@ def test_layer2_center_takes_out_the_batch_mean_and_evaluation_uses_the_running_
     y = out.layers[0].specific["audio"]
     indices, _, _ = m.layers[1].encode(y, "audio")
     assert torch.equal(indices, out.layers[1].indices["audio"])
+
+
+def test_calibrate_centres_sets_the_plain_mean_under_the_current_weights():
+    m = model(layer2_center=True)
+    m.train()
+    for seed in range(3):  # a running mean that lags, as after training
+        m(batch(seed=seed))
+    lagging = m.layers[1].centre.running_mean.clone()
+    codebooks = {k: v.clone() for k, v in m.state_dict().items() if "centre" not in k}
+    batches = [batch(seed=10), batch(n=4, seed=11)]
+    # independent reference: layer 2's raw general features in eval mode, averaged in float64 over real steps
+    raw = {mod: [] for mod in SHAPES}
+    hooks = [m.layers[1].general[mod].register_forward_hook(
+        lambda module, args, out, mod=mod: raw[mod].append((out.detach().double(), args[1]))) for mod in SHAPES]
+    m.eval()
+    with torch.no_grad():
+        for b in batches:
+            m(b)
+    for h in hooks:
+        h.remove()
+    want = {}
+    for mod, parts in raw.items():
+        rows = [z[mask] if mask is not None else z.reshape(-1, z.shape[-1]) for z, mask in parts]
+        want[mod] = torch.cat(rows).mean(0)
+    m.train()
+    moved = m.calibrate_centres(batches)
+    centre = m.layers[1].centre
+    assert m.training  # mode restored
+    for i, mod in enumerate(centre.modalities):
+        torch.testing.assert_close(centre.running_mean[i].double(), want[mod], rtol=1e-5, atol=1e-6)
+        assert moved["layers.1.centre"][mod] == pytest.approx(float((want[mod] - lagging[i].double()).norm()), rel=1e-4)
+    assert all(torch.equal(v, codebooks[k]) for k, v in m.state_dict().items() if "centre" not in k)  # nothing else moves
+    # ranks: reduce sums the totals; a second rank holding the same batches leaves the mean where it is
+    twice = m.calibrate_centres(batches, reduce=lambda tensors: [t * 2 for t in tensors])
+    assert all(d < 1e-5 for d in twice["layers.1.centre"].values())
+    assert model().calibrate_centres(batches) == {}  # no centre: nothing to do

@@ -99,7 +99,7 @@ def forced_run(synth_dir, tmp_path_factory):
     cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--model", "srcid", "--preset", "tiny",
            "--data", str(synth_dir / "pretrain"), "--out", str(out), "--max-steps", "8", "--quiet",
            "--set", "batch_size=32", "--set", "log_every=2", "--set", "collapse.max_codes=1000",
-           "--set", "collapse.patience=2", "--set", "num_workers=0"]
+           "--set", "collapse.patience=2", "--set", "num_workers=0", "--set", "model.layer2_center=true"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stderr
@@ -126,3 +126,33 @@ def test_the_run_fits_input_statistics_over_the_whole_training_split(forced_run,
     weights = load_file(str(out / "model.safetensors"))
     assert float(weights["normalizer.fitted"]) == 1.0
     assert_input_statistics_of_split(weights, synth_dir / "pretrain")
+
+
+def test_the_run_sets_layer2_centre_to_the_mean_under_the_final_weights(forced_run, synth_dir):
+    """After the last step the centre holds the plain mean of layer 2's general features over the training split
+    (224 clips, under 2000: all of it), computed here independently from the exported model in float64."""
+    import torch
+
+    from srcid.data.reader import ShardLoader
+    from srcid.model.export import load_model
+
+    out, _ = forced_run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    calibrations = [e for e in events if e["name"] == "centre_calibration"]
+    assert len(calibrations) == 1 and calibrations[0]["step"] == 8 and calibrations[0]["info"]["steps"] == 7
+    model = load_model(out / "model.safetensors")[0].eval()
+    layer = model.layers[1]
+    raw = {m: [] for m in layer.centre.modalities}
+    hooks = [layer.general[m].register_forward_hook(lambda mod, args, z, m=m: raw[m].append((z.double(), args[1])))
+             for m in raw]
+    loader = ShardLoader(synth_dir / "pretrain", "train", batch_size=50, shuffle=False,
+                         modalities=tuple(model.input_shapes), tail="merge")
+    with torch.no_grad():
+        for batch in loader.epoch(0):
+            model(batch)
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(layer.centre.modalities):
+        rows = torch.cat([z[mask] if mask is not None else z.reshape(-1, z.shape[-1]) for z, mask in raw[m]])
+        assert rows.shape[0] >= 224 * 2
+        torch.testing.assert_close(layer.centre.running_mean[i].double(), rows.mean(0), rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from torch import nn
 
 from srcid.errors import SrcidError
 from srcid.model.config import ModelConfig
+from srcid.model.centre import calibrate_centres
 from srcid.model.encoders import TextFrontEnd
 from srcid.model.inputs import check_batch, check_features, fit_steps, parse_input_shapes
 from srcid.model.layer import DisentangleLayer, LayerOutput
@@ -173,6 +174,12 @@ class SrcidModel(nn.Module):
         moments = fit_moments(self.normalizer.dims, batches, reduce=reduce)
         self.normalizer.set_moments(moments)
         return True
+
+    def calibrate_centres(self, batches, *, reduce=None) -> dict:
+        """Set the layer-2 centre's running mean to the mean over ``batches`` (the pretraining split) under the
+        current weights; the trainer calls it after the last step. Nothing to do (``{}``) without
+        ``layer2_center``. ``reduce`` sums across ranks as in :func:`srcid.model.centre.calibrate_centres`."""
+        return calibrate_centres(self, batches, reduce=reduce)
 
     # ------------------------------------------------------------------ inference
 

@@ -88,6 +88,7 @@ class RunConfig:
     keep_last: int = 3
     timeout_s: float = 120.0
     input_stats_clips: int = 0  # clips read to fit the input normaliser before step 1 (0: the whole split)
+    centre_clips: int = 2000  # clips that set layer 2's centre after the last step (model.layer2_center; 0: the split)
     model: object = None  # srcid.model.config.ModelConfig
     warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
     collapse: CollapseConfig = dataclasses.field(default_factory=CollapseConfig)
@@ -114,6 +115,8 @@ class RunConfig:
             raise SrcidError(f"config key num_workers: must be >= 0, got {self.num_workers}")
         if self.input_stats_clips < 0:
             raise SrcidError(f"config key input_stats_clips: must be >= 0 (0: the whole split), got {self.input_stats_clips}")
+        if self.centre_clips < 0:
+            raise SrcidError(f"config key centre_clips: must be >= 0 (0: the whole split), got {self.centre_clips}")
         if not (self.lr > 0 and self.grad_clip >= 0):
             raise SrcidError("config keys lr (> 0) and grad_clip (>= 0) are out of range")
         self.model.validate()
@@ -479,6 +482,31 @@ class Trainer:
         reduce(read)
         return {"clips": int(read.item()), **model.normalizer.summary()}
 
+    def _calibrate_centres(self) -> None:
+        """After the last step, layer 2's centre (``model.layer2_center``) takes the plain mean of its features
+        over the first ``centre_clips`` clips of the training split under the final weights, in evaluation mode,
+        summed across ranks (srcid/model/centre.py says why the running mean is not enough)."""
+        import math
+
+        if not self.config.model.layer2_center:
+            return
+        steps = self.loader.steps_per_epoch()
+        if self.config.centre_clips:
+            steps = min(steps, max(1, math.ceil(self.config.centre_clips / (self.config.batch_size * self.world_size))))
+
+        def reduce(tensors):
+            return [self.dist.all_reduce_sum_(t.to(self.device)) for t in tensors]
+
+        batches = (self._device_batch(b) for b in self._batches(self.loader.epoch(0), limit=steps))
+        moved = self.model.calibrate_centres(batches, reduce=reduce)
+        self.logger.event(self.step, "centre_calibration", {"steps": steps, "moved": moved})
+
+    def _device_batch(self, batch):
+        batch = batch.to(self.device, non_blocking=True)
+        if self.bf16:
+            batch = dataclasses.replace(batch, features={k: v.to(torch.bfloat16) for k, v in batch.features.items()})
+        return batch
+
     # -- the loop ----------------------------------------------------------------------------
     def _batches(self, source=None, limit=None):
         """The rank's batches from the current position (or of ``source``, at most ``limit``); read errors are
@@ -505,9 +533,7 @@ class Trainer:
     def _forward_loss(self, batch):
         from srcid.train.step import compute_loss
 
-        batch = batch.to(self.device, non_blocking=True)
-        if self.bf16:
-            batch = dataclasses.replace(batch, features={k: v.to(torch.bfloat16) for k, v in batch.features.items()})
+        batch = self._device_batch(batch)
         return compute_loss(self.model, self.mi_fitter, batch, self.layer2_weight(), forward=self.engine)
 
     def _log(self, terms: dict, clips: int, elapsed: float) -> dict:
@@ -583,6 +609,7 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
         bar.close()
+        self._calibrate_centres()
         self.verify_replicas()
         path = self.save_checkpoint()
         self.logger.close()
