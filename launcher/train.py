@@ -12,4 +12,5 @@ import sys
 from srcid.train.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # usage lines name this script as it was typed (python launcher/train.py, deepspeed ... launcher/train.py)
+    sys.exit(main(prog=sys.argv[0]))

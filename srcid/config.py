@@ -57,9 +57,10 @@ def _parse(text: str, kind, key: str):
             items = [_parse(str(v), inner, key) for v in value]
             return tuple(items) if origin is tuple else items
         if origin is typing.Literal:
-            if text not in args:
-                raise ValueError(text)
-            return text
+            for choice in args:
+                if str(choice) == text:
+                    return choice
+            raise SrcidError(f"config key {key}: {text!r} is not one of {', '.join(str(a) for a in args)}")
     except (ValueError, json.JSONDecodeError):
         raise SrcidError(f"config key {key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
     raise SrcidError(f"config key {key}: values of type {kind} cannot be set from the command line")

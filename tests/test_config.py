@@ -1,4 +1,5 @@
 import dataclasses
+from typing import Literal, Optional
 
 import pytest
 
@@ -71,3 +72,21 @@ def test_a_run_config_saved_before_the_relative_trigger_keeps_the_absolute_one(t
     loaded = load_run_config(path)
     assert loaded.warm_start.mi_rel_threshold == 0.0 and loaded.model.text_target == "lstm"
     assert loaded.warm_start.window_steps == config.warm_start.window_steps  # a key present is read as saved
+
+
+@dataclasses.dataclass
+class Choices:
+    mode: Literal["mi", "epoch", "off"] = "mi"
+    level: Literal[1, 2] = 1
+    maybe: Optional[Literal["a", "b"]] = None
+
+
+def test_a_literal_key_lists_its_choices():
+    cfg = apply_overrides(Choices(), ["mode=epoch", "level=2", "maybe=b"])
+    assert (cfg.mode, cfg.level, cfg.maybe) == ("epoch", 2, "b")
+    for item, message in (("mode=bogus", "config key mode: 'bogus' is not one of mi, epoch, off"),
+                          ("level=3", "config key level: '3' is not one of 1, 2"),
+                          ("maybe=c", "config key maybe: 'c' is not one of a, b")):
+        with pytest.raises(SrcidError) as err:
+            apply_overrides(Choices(), [item])
+        assert str(err.value) == message

@@ -12,11 +12,14 @@ import traceback
 import numpy as np
 import pytest
 
-from helpers_data import edit_member, edit_meta, first_key, npy_bytes, read_tar, write_dataset, write_tar
+from helpers_data import MODALITIES, edit_member, edit_meta, first_key, npy_bytes, read_tar, write_dataset, write_tar
 from srcid import cli
 from srcid.data import validate
 from srcid.data.manifest import load_manifest
 from srcid.errors import DataError
+
+# the helpers' modalities with a video grid the model accepts (H and W of at least 5): data check applies that rule
+GRID_OK = dict(MODALITIES, video=([4, 5, 5, 3], "float32"))
 
 
 def _damage_truncate(folder):
@@ -142,6 +145,13 @@ DAMAGE = {
     "extra shard": _extra_shard,
     "manifest not JSON": _manifest_text,
     "manifest bad field": _manifest(lambda d: d["modalities"]["audio"].update(dtype="int8"), "modalities.audio.dtype"),
+    "format_version true": _manifest(lambda d: d.update(format_version=True), "format_version", "must be an integer"),
+    "format_version 1.0": _manifest(lambda d: d.update(format_version=1.0), "format_version", "must be an integer"),
+    "empty train split": _manifest(lambda d: d["splits"].update(train={"samples": 0, "shards": 0}),
+                                   "dataset 'test-set'", "split 'train' is empty", "nothing to train on"),
+    "video grid too small for the model": _manifest(lambda d: d["modalities"]["video"].update(shape=[4, 4, 5, 3]),
+                                                    "dataset 'test-set', modality video", "[4, 4, 5, 3]",
+                                                    "the video conv stack needs H and W of at least 5"),
 }
 
 
@@ -177,8 +187,9 @@ def results(tmp_path_factory):
     """Every damaged copy, the good dataset and the skip-bad runs, checked by the command line."""
     root = tmp_path_factory.mktemp("check")
     good = root / "good" / "ds"
-    write_dataset(good, n=45, shard_size=7, extra_splits={"val": 9, "vid": 5}, carried={"vid": ("video",)})
-    write_dataset(root / "good" / "other", n=5, shard_size=2, seed=1)
+    write_dataset(good, n=45, shard_size=7, extra_splits={"val": 9, "vid": 5}, carried={"vid": ("video",)},
+                  modalities=GRID_OK)
+    write_dataset(root / "good" / "other", n=5, shard_size=2, seed=1, modalities=GRID_OK)
     runs, expected = {}, {}
     for name, damage in DAMAGE.items():
         folder = root / name.replace(" ", "_")

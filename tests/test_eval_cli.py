@@ -1,4 +1,4 @@
-"""``srcid eval`` and ``srcid encode`` end to end: a briefly trained tiny model on synthetic data, and bad input."""
+"""``srcid eval``, ``srcid encode`` and ``srcid inspect`` end to end: a briefly trained tiny model on synthetic data, and bad input."""
 import json
 import math
 import os
@@ -296,3 +296,48 @@ def test_encode_refuses_a_used_folder(run_dir, synth_dir, cli, capsys, tmp_path)
     assert "not an empty folder" in capsys.readouterr().err
     assert cli("encode", "--run", run_dir, "--data", synth_dir / "ave", "--out", tmp_path / "new", "--splits", "dev") != 0
     assert "no split 'dev'" in capsys.readouterr().err
+
+
+def test_inspect_reads_exactly_the_clips_asked_and_takes_a_data_dir(models, synth_dir, cli, capsys, tmp_path):
+    """``--clips N`` reads the first N clips (a partial last batch included); ``--data DATA_DIR`` reads pretrain/."""
+    base = ["inspect", "--run", models["srcid"], "--batch-size", "20", "--device", "cpu"]
+    out = tmp_path / "i.json"
+    assert cli(*base, "--data", synth_dir / "pretrain", "--clips", "50", "--json", out, "--plot", tmp_path / "i.png") == 0
+    printed = capsys.readouterr().out
+    assert f"50 clips of {synth_dir / 'pretrain'} split train\n" in printed and "reading its pretraining set" not in printed
+    assert json.loads(out.read_text())["clips"] == 50
+    assert cli(*base, "--data", synth_dir, "--clips", "7") == 0  # the root: pretrain/ is read, and said so
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"srcid inspect: --data {synth_dir}: a DATA_DIR; reading its pretraining set "
+                              f"{synth_dir / 'pretrain'}\n")
+    assert f"7 clips of {synth_dir / 'pretrain'} split train\n" in printed
+    assert cli(*base, "--data", synth_dir / "pretrain", "--split", "val", "--clips", "100") == 0  # val holds 32
+    assert f"32 clips of {synth_dir / 'pretrain'} split val (--clips 100: the split holds 32)" in capsys.readouterr().out
+
+
+def test_inspect_names_the_folder_it_expects(models, cli, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data, state in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "empty", "holds no dataset.json")):
+        assert cli("inspect", "--run", models["srcid"], "--data", data, "--device", "cpu") == 2
+        err = capsys.readouterr().err
+        assert err == (f"srcid: error: --data {data}: {state}; expected a dataset folder holding dataset.json, or a "
+                       "DATA_DIR holding pretrain/dataset.json\n")
+
+
+def test_inspect_first_clips_cuts_the_last_batch_and_reads_no_further():
+    from srcid.eval.commands import first_clips
+
+    pulled = []
+
+    class Rows(list):
+        def rows(self, start, stop):
+            return Rows(self[start:stop])
+
+    def batches():
+        for i in range(5):
+            pulled.append(i)
+            yield Rows(range(10 * i, 10 * i + 10))
+
+    assert [len(b) for b in first_clips(batches(), 25)] == [10, 10, 5] and pulled == [0, 1, 2]
+    pulled.clear()
+    assert [len(b) for b in first_clips(batches(), 20)] == [10, 10] and pulled == [0, 1]

@@ -308,11 +308,11 @@ def test_cli_prints_table_and_writes_json_and_plot(exported, synth_dir, tmp_path
     rc = inspect_cli(exported, synth_dir, "--json", out, "--collapse-codes", 3, "--live-rel", 0.02)
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "40 clips" in printed and "| 2 | text |" in printed and "codebook used" in printed
+    assert "50 clips" in printed and "| 2 | text |" in printed and "codebook used" in printed
     plot = tmp_path / "inspect-codes.png"
     assert plot.read_bytes()[:8] == PNG_SIGNATURE and f"wrote {plot}" in printed
     data = json.loads(out.read_text())
-    assert data["clips"] == 40 and data["split"] == "train" and len(data["stats"]) == 6
+    assert data["clips"] == 50 and data["split"] == "train" and len(data["stats"]) == 6
     assert data["live_rel"] == 0.02 and data["live_std"] is None and data["collapse_codes"] == 3
     assert data["plot"] == str(plot)
     first = data["stats"][0]

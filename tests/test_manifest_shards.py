@@ -56,6 +56,13 @@ def test_interrupted_writer_leaves_no_final_shard(tmp_path):
         ({"modalities": {"audio": {"shape": [4, 3], "dtype": "int8"}}}, "modalities.audio.dtype"),
         ({"splits": {"train": {"samples": -1, "shards": 1}}}, "splits.train"),
         ({"format_version": 9}, "format_version"),
+        ({"format_version": True}, "format_version: true must be an integer"),
+        ({"format_version": 1.0}, "format_version: 1.0 must be an integer"),
+        ({"format_version": "1"}, "format_version: \"1\" must be an integer"),
+        ({"splits": {"train": {"samples": True, "shards": 1}}}, "splits.train"),
+        ({"modalities": {"audio": {"shape": [4, True], "dtype": "float16"}}}, "modalities.audio.shape"),
+        ({"modalities": {"audio": {"shape": [4, 3], "dtype": "float16", "max_steps": 9}}}, "modalities.audio.max_steps"),
+        ({"modalities": {"text": {"shape": [None, 5], "dtype": "float32", "max_steps": 0}}}, "modalities.text.max_steps"),
         ({"extra": 1}, "extra"),
     ],
 )
@@ -67,3 +74,15 @@ def test_manifest_errors_name_the_field(tmp_path, patch, field):
     with pytest.raises(DataError) as err:
         load_manifest(tmp_path)
     assert field in str(err.value) and "dataset.json" in str(err.value)
+
+
+def test_max_steps_is_kept_and_an_integer_format_version_is_read(tmp_path):
+    _write(tmp_path)
+    path = tmp_path / "dataset.json"
+    data = json.loads(path.read_text())
+    data["modalities"]["text"]["max_steps"] = 12
+    data["format_version"] = 1
+    path.write_text(json.dumps(data))
+    manifest = load_manifest(tmp_path)
+    assert manifest.modalities["text"].max_steps == 12 and manifest.modalities["audio"].max_steps is None
+    assert manifest.to_json()["modalities"] == data["modalities"]  # written back only where declared

@@ -1,6 +1,7 @@
 """``srcid data ...``: synthesize, check and import feature datasets."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -20,6 +21,8 @@ def _check(args) -> int:
 
     reports = check_path(args.path, skip_bad=args.skip_bad, workers=args.workers)
     for report in reports:
+        for warning in report.warnings:
+            print(f"srcid: warning: {warning}", file=sys.stderr)
         print(report.summary())
     return 0
 

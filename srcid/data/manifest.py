@@ -19,6 +19,7 @@ MANIFEST_NAME = "dataset.json"
 class ModalitySpec:
     shape: tuple  # ints, or None for a dimension that varies per clip
     dtype: str
+    max_steps: Optional[int] = None  # the most steps a clip may have, where the first dimension varies (optional)
 
     def matches(self, shape) -> bool:
         return len(shape) == len(self.shape) and all(e is None or e == s for e, s in zip(self.shape, shape))
@@ -27,6 +28,12 @@ class ModalitySpec:
     def feature_shape(self) -> tuple:
         """The per-step feature shape (every dimension after the first)."""
         return tuple(self.shape[1:])
+
+    def to_json(self) -> dict:
+        data = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.max_steps is not None:
+            data["max_steps"] = self.max_steps
+        return data
 
 
 @dataclasses.dataclass
@@ -61,7 +68,7 @@ class Manifest:
         return {
             "name": self.name,
             "format_version": self.format_version,
-            "modalities": {m: {"shape": list(s.shape), "dtype": s.dtype} for m, s in self.modalities.items()},
+            "modalities": {m: s.to_json() for m, s in self.modalities.items()},
             "classes": list(self.classes),
             "splits": {k: {"samples": v.samples, "shards": v.shards} for k, v in self.splits.items()},
             "tasks": list(self.tasks),
@@ -82,6 +89,11 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def _is_int(value) -> bool:
+    """A JSON integer: ``true`` is a bool and ``1.0`` a float here, though Python finds both equal to 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(cond: bool, where: str, field: str, message: str):
     if not cond:
         raise DataError(f"{where}: field {field}: {message}")
@@ -96,6 +108,8 @@ def parse_manifest(data, where: str) -> Manifest:
     for key in ("name", "modalities", "classes", "splits"):
         _require(key in data, where, key, "missing")
     version = data.get("format_version", FORMAT_VERSION)
+    _require(_is_int(version), where, "format_version",
+             f"{json.dumps(version)} must be an integer (this reader reads {FORMAT_VERSION})")
     _require(version == FORMAT_VERSION, where, "format_version", f"{version!r} is not supported (expected {FORMAT_VERSION})")
     _require(isinstance(data["name"], str) and data["name"], where, "name", "must be a non-empty string")
     mods = data["modalities"]
@@ -104,15 +118,22 @@ def parse_manifest(data, where: str) -> Manifest:
     for m, spec in mods.items():
         f = f"modalities.{m}"
         _require(m in MODALITIES, where, f, f"unknown modality; valid: {', '.join(MODALITIES)}")
-        _require(isinstance(spec, dict) and set(spec) == {"shape", "dtype"}, where, f, "must hold exactly shape and dtype")
+        _require(isinstance(spec, dict) and {"shape", "dtype"} <= set(spec) <= {"shape", "dtype", "max_steps"}, where, f,
+                 "must hold shape and dtype, and optionally max_steps")
         shape = spec["shape"]
         _require(
-            isinstance(shape, list) and len(shape) >= 2 and all(s is None or (isinstance(s, int) and s > 0) for s in shape),
+            isinstance(shape, list) and len(shape) >= 2 and all(s is None or (_is_int(s) and s > 0) for s in shape),
             where, f + ".shape", f"{shape!r} must be a list of at least 2 positive ints or nulls",
         )
         _require(all(s is not None for s in shape[1:]), where, f + ".shape", "only the first (time/token) dimension may be null")
         _require(spec["dtype"] in DTYPES, where, f + ".dtype", f"{spec['dtype']!r}; valid: {', '.join(DTYPES)}")
-        modalities[m] = ModalitySpec(tuple(shape), spec["dtype"])
+        max_steps = spec.get("max_steps")
+        if max_steps is not None:
+            _require(shape[0] is None, where, f + ".max_steps",
+                     f"only for a varying first dimension (shape {json.dumps(shape)} fixes it)")
+            _require(_is_int(max_steps) and max_steps > 0, where,
+                     f + ".max_steps", f"{json.dumps(max_steps)} must be a positive integer")
+        modalities[m] = ModalitySpec(tuple(shape), spec["dtype"], max_steps)
     classes = data["classes"]
     _require(isinstance(classes, list) and all(isinstance(c, str) for c in classes), where, "classes", "must be a list of strings")
     _require(len(set(classes)) == len(classes), where, "classes", "names must be unique")
@@ -122,7 +143,7 @@ def parse_manifest(data, where: str) -> Manifest:
         f = f"splits.{name}"
         _require(isinstance(name, str) and name and "-" not in name and "/" not in name, where, f, "split names must be non-empty, without '-' or '/'")
         _require(isinstance(info, dict) and set(info) == {"samples", "shards"}, where, f, "must hold exactly samples and shards")
-        _require(all(isinstance(info[k], int) and info[k] >= 0 for k in info), where, f, "samples and shards must be non-negative ints")
+        _require(all(_is_int(info[k]) and info[k] >= 0 for k in info), where, f, "samples and shards must be non-negative ints")
         splits[name] = SplitInfo(info["samples"], info["shards"])
     tasks = data.get("tasks", [])
     _require(isinstance(tasks, list) and all(isinstance(t, str) for t in tasks), where, "tasks", "must be a list of strings")

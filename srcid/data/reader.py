@@ -5,7 +5,10 @@ once across ranks and data-loader workers and every rank runs the same number
 of steps:
 
 1. The shards' tar headers give each shard's samples and their byte ranges
-   (:func:`srcid.data.validate.index_shard`, cached per path and mtime).
+   (:func:`srcid.data.validate.index_shard`, cached per path and mtime). A
+   member larger than the manifest allows (its tar header's size against
+   :func:`srcid.data.validate.member_size_limits`) or a key that is a path
+   (``../x``, ``/x``) is refused there, before any byte of it is read.
 2. A permutation of the shards, seeded by ``(seed, epoch)``, defines a global
    order of the split's N samples (shard after shard).
 3. With ``tail="merge"``, rank ``r`` of ``W`` takes a contiguous range of

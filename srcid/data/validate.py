@@ -7,7 +7,10 @@ One set of checks, used by ``srcid data check`` and by the reader alike:
 * :func:`index_shard`: the tar structure of one shard, read from its member
   headers only (no data): each sample's key and byte range, members grouped
   into whole samples, and an intact end of archive. A truncated or corrupt
-  tar is reported by shard name. Indexes are cached per path, mtime and size.
+  tar is reported by shard name; so is a key that is a path (``/``, ``..``)
+  and a member larger than the manifest allows (:func:`member_size_limits`,
+  from the tar header's size, before any byte of it is read). Indexes are
+  cached per path, mtime, size and limits.
 * :func:`index_split`: all shards of a split, their sample counts against the
   manifest's, keys unique within the split, and the modalities its samples
   carry (:func:`split_modalities`: the same for every sample of a split).
@@ -18,7 +21,10 @@ One set of checks, used by ``srcid data check`` and by the reader alike:
   decoded.
 
 :func:`check_path` runs all of them over a dataset, or a folder of datasets,
-and returns one :class:`SplitReport` per split. Every problem is a one-line
+and returns one :class:`SplitReport` per split; it also applies the rules
+of the manifest as a whole (:func:`check_manifest_rules`: no empty training
+split, video grids the model accepts; warnings for a ``background`` class
+and other empty splits). Every problem is a one-line
 :class:`DataError` naming the shard, key and member (or the manifest, split
 and field). With ``skip_bad`` bad samples, and the unreadable rest of a
 corrupt shard, are skipped and counted in the report instead.
@@ -43,10 +49,15 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest, shard_name
-from srcid.errors import DataError
+from srcid.errors import DataError, SrcidError
 
 META_MEMBER = "meta.json"
 MAX_REASONS = 3  # skip reasons a report quotes
+# Member size caps (docs/DATA-FORMAT.md, "Size limits"), checked against the tar header before a member is read:
+NPY_HEADER_ALLOWANCE = 4096  # bytes allowed for a .npy header besides the data (numpy writes 128 for these shapes)
+DEFAULT_MAX_STEPS = 65536  # steps of a varying first dimension (text tokens) when the manifest gives no max_steps
+OTHER_MEMBER_MAX_BYTES = 16 << 20  # meta.json (and any member the manifest does not declare, refused later anyway)
+TAR_EXTENSION_MAX_BYTES = 1 << 20  # a pax or GNU long-name header's own data, which tarfile reads whole
 _BLOCK = tarfile.BLOCKSIZE
 _SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d+)\.tar$")
 
@@ -86,6 +97,37 @@ def _describe_nonfinite(array: np.ndarray) -> str:
     nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
     first = [int(i) for i in np.argwhere(~np.isfinite(array))[0]]
     return f"{nan} NaN and {inf} Inf values (first at index {first}); features must be finite"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.4g} MiB"
+
+
+def member_size_limits(manifest: Manifest) -> tuple:
+    """The largest size each member of a sample may have: ``((member, bytes, why), ...)``, ``"*"`` for any other.
+
+    ``<modality>.npy``: the manifest's shape x the dtype's itemsize plus :data:`NPY_HEADER_ALLOWANCE`
+    bytes of ``.npy`` header; a varying first dimension counts as the modality's ``max_steps``, or
+    :data:`DEFAULT_MAX_STEPS` where the manifest gives none. ``meta.json`` and any other member:
+    :data:`OTHER_MEMBER_MAX_BYTES`. A tuple, so that it can key the index cache.
+    """
+    limits = []
+    for modality, spec in manifest.modalities.items():
+        steps = spec.shape[0]
+        if steps is None:
+            steps = spec.max_steps or DEFAULT_MAX_STEPS
+            source = (f"max_steps {steps}" if spec.max_steps else
+                      f"no max_steps in the manifest, so at most {steps} steps")
+        else:
+            source = None
+        data = math.prod((steps,) + tuple(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
+        shape = "[" + ", ".join("null" if s is None else str(s) for s in spec.shape) + "]"
+        why = (f"shape {shape} {spec.dtype}{'' if source is None else f' ({source})'}: {data} bytes of data "
+               f"+ at most {NPY_HEADER_ALLOWANCE} bytes of .npy header")
+        limits.append((f"{modality}.npy", data + NPY_HEADER_ALLOWANCE, why))
+    limits.append((META_MEMBER, OTHER_MEMBER_MAX_BYTES, f"{_mib(OTHER_MEMBER_MAX_BYTES)} for {META_MEMBER}"))
+    limits.append(("*", OTHER_MEMBER_MAX_BYTES, f"{_mib(OTHER_MEMBER_MAX_BYTES)} for a member the manifest does not declare"))
+    return tuple(limits)
 
 
 def decode_sample(raw: dict, manifest: Manifest, shard: str, *, carried=None, decode: bool = True,
@@ -146,6 +188,8 @@ def decode_sample(raw: dict, manifest: Manifest, shard: str, *, carried=None, de
         if not spec.matches(shape) or shape[0] < 1:
             expect = ["any>=1" if s is None else s for s in spec.shape]
             fail(f"shape {list(shape)}, expected {expect}", member)
+        if spec.max_steps is not None and shape[0] > spec.max_steps:
+            fail(f"shape {list(shape)}: {shape[0]} steps, more than the manifest's max_steps {spec.max_steps}", member)
         count = math.prod(shape)
         if len(data) - offset != count * dtype.itemsize:
             fail(f"array data holds {len(data) - offset} bytes, its header promises {count * dtype.itemsize}", member)
@@ -224,16 +268,62 @@ class _Broken(Exception):
         self.key, self.member, self.keep_last = key, member, keep_last
 
 
-def _scan_tar(path: str) -> ShardIndex:
+class _HeaderReads:
+    """The shard file as tarfile sees it while indexing: every read is of a header.
+
+    tarfile reads a pax or GNU long-name header's data whole; a header that claims more than
+    :data:`TAR_EXTENSION_MAX_BYTES` is refused before it is read.
+    """
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > TAR_EXTENSION_MAX_BYTES:
+            raise _Broken(f"a tar header extension (pax or GNU long name) of {size} bytes at byte {self.f.tell()}: "
+                          f"more than {TAR_EXTENSION_MAX_BYTES}; not read", keep_last=False)
+        return self.f.read(size)
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def tell(self):
+        return self.f.tell()
+
+
+def _key_problem(key: str) -> Optional[str]:
+    """Why a tar member's key is not a clip id (the writer's keys never are paths), or None."""
+    if "/" in key or "\\" in key or key in (".", ".."):
+        return "a clip key may not hold '/' or '\\' (no folders, '..' or absolute paths)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "a clip key may not hold control characters"
+    return None
+
+
+def _oversized(f, info, member: str, limit: int, why: str) -> str:
+    """The message for a member larger than its cap; a ``.npy`` member's header (its first bytes) names what it holds."""
+    message = f"{info.size} bytes in its tar header, more than the {limit} bytes the manifest allows ({why})"
+    if member.endswith(".npy"):
+        try:
+            f.seek(info.offset_data)
+            shape, _, dtype, _ = _npy_header(f.read(min(info.size, NPY_HEADER_ALLOWANCE)))
+            message += f"; its .npy header says {dtype} {list(shape)}"
+        except (ValueError, EOFError, OSError):
+            pass
+    return message + "; not read"
+
+
+def _scan_tar(path: str, limits: Optional[tuple] = None) -> ShardIndex:
     spans, seen = [], set()
     key = start = None  # the sample being collected
     members: list = []
     end = 0  # end of the last member's data
+    caps = {member: (limit, why) for member, limit, why in limits or ()}
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             try:
-                with tarfile.open(fileobj=f, mode="r:") as tar:
+                with tarfile.open(fileobj=_HeaderReads(f), mode="r:") as tar:
                     for info in tar:
                         name = info.name
                         if not info.isreg():
@@ -245,6 +335,9 @@ def _scan_tar(path: str) -> ShardIndex:
                             if key is not None:
                                 spans.append(SampleSpan(key, start, end, tuple(members)))
                                 key = None
+                            problem = _key_problem(prefix)
+                            if problem is not None:
+                                raise _Broken(f"{problem}; tar member {name!r} not read", repr(prefix), keep_last=False)
                             if prefix in seen:
                                 raise _Broken("members of this key are not contiguous: the tar members do not form whole samples",
                                               prefix, member, keep_last=False)
@@ -252,6 +345,9 @@ def _scan_tar(path: str) -> ShardIndex:
                             key, start, members = prefix, info.offset, []
                         if member in members:
                             raise _Broken("member appears twice in the sample", key, member, keep_last=False)
+                        limit, why = caps.get(member) or caps.get("*") or (None, None)
+                        if limit is not None and info.size > limit:
+                            raise _Broken(_oversized(f, info, member, limit, why), key, member, keep_last=False)
                         members.append(member)
                         end = info.offset_data + _BLOCK * math.ceil(info.size / _BLOCK)
             except tarfile.ReadError as exc:
@@ -276,18 +372,22 @@ def _scan_tar(path: str) -> ShardIndex:
     return ShardIndex(path, tuple(spans))
 
 
-def index_shard(path) -> ShardIndex:
-    """The sample index of one shard, cached per path, mtime and size."""
+def index_shard(path, limits: Optional[tuple] = None) -> ShardIndex:
+    """The sample index of one shard, cached per path, mtime, size and ``limits``.
+
+    ``limits`` (:func:`member_size_limits`) caps each member's size by its tar header; a larger member
+    ends the index there, as damage does. Without limits no member is capped.
+    """
     path = str(path)
     try:
         st = os.stat(path)
     except OSError as exc:
         raise DataError(f"cannot read shard ({_one_line(exc.strerror or exc)})", shard=path) from None
-    stamp = (st.st_mtime_ns, st.st_size)
+    stamp = (st.st_mtime_ns, st.st_size, limits)
     hit = _INDEX_CACHE.get(path)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    index = _scan_tar(path)
+    index = _scan_tar(path, limits)
     _INDEX_CACHE[path] = (stamp, index)
     return index
 
@@ -418,10 +518,12 @@ def index_split(manifest: Manifest, split: str, *, skip_bad: bool = False, shard
     """Index every shard of ``split`` and check the counts against the manifest.
 
     A corrupt shard is an error unless ``skip_bad``; then its unreadable rest
-    is counted in ``lost``. ``shard_indexes`` may pass indexes already built.
+    is counted in ``lost``. ``shard_indexes`` may pass indexes already built
+    (with ``member_size_limits(manifest)``).
     """
     paths = manifest.shard_paths(split)
-    shards = list(shard_indexes) if shard_indexes is not None else [index_shard(p) for p in paths]
+    limits = member_size_limits(manifest)
+    shards = list(shard_indexes) if shard_indexes is not None else [index_shard(p, limits) for p in paths]
     damaged = [s for s in shards if s.error is not None]
     if damaged and not skip_bad:
         raise damaged[0].error
@@ -452,6 +554,7 @@ class SplitReport:
     samples: int  # good samples
     skipped: int = 0
     reasons: list = dataclasses.field(default_factory=list)  # the first few skip reasons
+    warnings: list = dataclasses.field(default_factory=list)  # about the dataset (on its first split's report)
 
     def summary(self) -> str:
         head = f"{self.folder} [{self.split}]: {self.samples} good samples in {self.shards} shard{'' if self.shards == 1 else 's'}"
@@ -461,12 +564,63 @@ class SplitReport:
         return f"{head}, {self.skipped} bad sample{plural} skipped (first: {'; '.join(self.reasons)})"
 
 
-def _index_task(path):
+def _index_task(task):
     """index_shard for a worker process: the index, or the error as data."""
+    path, limits = task
     try:
-        return index_shard(path)
+        return index_shard(path, limits)
     except DataError as exc:
         return exc
+
+
+def _is_training_split(split: str) -> bool:
+    return split == "train" or split.endswith("_train")
+
+
+def _model_shape_problem(modality: str, shape: tuple) -> Optional[str]:
+    """What the model says of a ``[T, H, W, C]`` input shape (``srcid/model/inputs.py``, ``parse_input_shapes``), or None.
+
+    The model's own rule is applied, not a copy of it: the shape is parsed together with a flat ``[T, 1]``
+    companion modality, so that any complaint is about this modality's shape.
+    """
+    from srcid.model.inputs import MODALITY_ORDER, parse_input_shapes
+
+    companion = next(m for m in MODALITY_ORDER if m != modality)
+    try:
+        parse_input_shapes({modality: tuple(shape), companion: (shape[0] or 1, 1)})
+    except SrcidError as exc:
+        return str(exc)
+    return None
+
+
+def check_manifest_rules(manifest: Manifest) -> list:
+    """The rules of a manifest as a whole that ``srcid data check`` applies; returns its warnings.
+
+    Errors (:class:`DataError`): a training split (``train``, ``*_train``) that holds no samples; a video
+    grid ``[T, H, W, C]`` the model refuses (H or W below 5: the model's own rule). Warnings: another
+    split that holds no samples; a class named ``background`` (class lists hold none: localization adds
+    its own background column).
+    """
+    where = _manifest_file(manifest)
+    warnings = []
+    for split, info in manifest.splits.items():
+        if info.samples == 0:
+            if _is_training_split(split):
+                raise DataError(f"{where}: dataset {manifest.name!r}: split {split!r} is empty (0 samples in "
+                                f"{info.shards} shards): there is nothing to train on")
+            warnings.append(f"{where}: dataset {manifest.name!r}: split {split!r} is empty (0 samples)")
+    for modality, spec in manifest.modalities.items():
+        if len(spec.shape) == 4:
+            problem = _model_shape_problem(modality, spec.shape)
+            if problem is not None:
+                raise DataError(f"{where}: dataset {manifest.name!r}, modality {modality}: {problem} "
+                                "(the model's rule: srcid train and srcid eval would refuse it)")
+    for i, name in enumerate(manifest.classes):
+        if name.strip().lower() == "background":
+            warnings.append(f"{where}: dataset {manifest.name!r}: classes[{i}] is {name!r}: class lists hold no "
+                            "background entry (localization adds its own background column, docs/DATA-FORMAT.md); "
+                            "this one counts as an event class")
+    return warnings
 
 
 @dataclasses.dataclass
@@ -501,11 +655,15 @@ def _check_samples(task) -> _ShardResult:
 def check_dataset(folder, *, skip_bad: bool = False, workers: int = 0) -> list:
     """Check one dataset folder; one :class:`SplitReport` per split.
 
-    First the shard files and tar structures, the counts and the keys, then
-    every sample, shard by shard (by ``workers`` processes when > 0).
+    First the manifest's rules (:func:`check_manifest_rules`; its warnings go
+    to the first report's ``warnings``), the shard files and tar structures
+    (members capped by :func:`member_size_limits`), the counts and the keys,
+    then every sample, shard by shard (by ``workers`` processes when > 0).
     """
     manifest = load_manifest(folder)
+    warnings = check_manifest_rules(manifest)
     check_shard_files(manifest)
+    limits = member_size_limits(manifest)
     paths = [path for split in manifest.splits for path in manifest.shard_paths(split)]
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 0 and paths else None
     run = pool.map if pool else map
@@ -513,7 +671,7 @@ def check_dataset(folder, *, skip_bad: bool = False, workers: int = 0) -> list:
                     disable=not sys.stderr.isatty())
     try:
         indexes = []
-        for index in run(_index_task, paths):
+        for index in run(_index_task, [(path, limits) for path in paths]):
             if isinstance(index, DataError):
                 raise index
             indexes.append(index)
@@ -543,6 +701,7 @@ def check_dataset(folder, *, skip_bad: bool = False, workers: int = 0) -> list:
                 report.reasons += result.reasons
             del report.reasons[MAX_REASONS:]
             reports.append(report)
+        reports[0].warnings = warnings
     finally:
         progress.close()
         if pool is not None:

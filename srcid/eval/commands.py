@@ -149,6 +149,39 @@ def default_plot(json_path: Path) -> Path:
     return json_path.with_name(f"{json_path.stem}-codes.png")
 
 
+INSPECT_DEFAULT_FOLDER = "pretrain"  # the dataset srcid inspect reads under a DATA_DIR (as srcid data synth writes)
+
+
+def inspect_dataset(data: Path) -> tuple:
+    """``(dataset folder, note)`` for ``srcid inspect --data``: a dataset folder (holding dataset.json) itself,
+    or ``DATA_DIR/pretrain`` under a DATA_DIR (as ``srcid eval --data`` takes), with a note saying so."""
+    from srcid.data.manifest import MANIFEST_NAME
+
+    data = Path(data)
+    if (data / MANIFEST_NAME).is_file():
+        return data, None
+    chosen = data / INSPECT_DEFAULT_FOLDER
+    if (chosen / MANIFEST_NAME).is_file():
+        return chosen, f"--data {data}: a DATA_DIR; reading its pretraining set {chosen}"
+    state = "no such folder" if not data.exists() else ("not a folder" if not data.is_dir() else f"holds no {MANIFEST_NAME}")
+    raise SrcidError(f"--data {data}: {state}; expected a dataset folder holding {MANIFEST_NAME}, or a DATA_DIR "
+                     f"holding {INSPECT_DEFAULT_FOLDER}/{MANIFEST_NAME}")
+
+
+def first_clips(batches, clips: int):
+    """The first ``clips`` clips of ``batches``, the batch that reaches the count cut to it; nothing more is read."""
+    taken = 0
+    if clips < 1:
+        return
+    for batch in batches:
+        if taken + len(batch) > clips:
+            batch = batch.rows(0, clips - taken)
+        taken += len(batch)
+        yield batch
+        if taken >= clips:
+            return
+
+
 def _inspect(args) -> int:
     from srcid.data.manifest import load_manifest
     from srcid.data.reader import ShardLoader
@@ -176,23 +209,34 @@ def _inspect(args) -> int:
     for flag, path in (("--json", args.json), ("--plot", plot)):
         if path is not None:
             _check_output_file(flag, path)
+    data, note = inspect_dataset(args.data)
     model, info, weights = open_model(args.run, args.device)
     device = next(model.parameters()).device
-    manifest = load_manifest(args.data)
+    manifest = load_manifest(data)
     manifest.shard_paths(args.split)  # names the splits when there is no such split
     for m in model.input_shapes:
         check_model_input(model, manifest, m, "srcid inspect")
-    clips = min(args.clips, manifest.splits[args.split].samples)
-    loader = ShardLoader(args.data, args.split, batch_size=min(args.batch_size, clips), shuffle=False,
-                         modalities=tuple(model.input_shapes), tail="drop")
-    steps = max(1, clips // loader.batch_size)
-    batches = (batch.to(device) for _, batch in zip(range(steps), loader.epoch(0)))
-    stats = representation_stats(model, batches, live_rel=live_rel, live_std=args.live_std,
+    if note:
+        print(f"srcid inspect: {note}")
+    available = manifest.splits[args.split].samples
+    clips = min(args.clips, available)
+    # the first `clips` clips in shard order: batches of --batch-size, the last one cut to the count
+    loader = ShardLoader(data, args.split, batch_size=min(args.batch_size, max(clips, 1)), shuffle=False,
+                         modalities=tuple(model.input_shapes), tail="merge")
+    counted = []
+
+    def batches():
+        for batch in first_clips(loader.epoch(0), clips):
+            counted.append(len(batch))
+            yield batch.to(device)
+
+    stats = representation_stats(model, batches(), live_rel=live_rel, live_std=args.live_std,
                                  collapse_codes=args.collapse_codes)
     step = info["extra"].get("step")
-    read = steps * loader.batch_size
+    read = sum(counted)
+    short = "" if read >= args.clips else f" (--clips {args.clips}: the split holds {available})"
     header = (f"srcid inspect: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
-              f"{read} clips of {args.data} split {args.split}")
+              f"{read} clips of {data} split {args.split}{short}")
     print(header + "\n")
     print(to_markdown(stats, live_rel, args.live_std))
     flags = flag_summary(stats, live_rel=live_rel, live_std=args.live_std, collapse_codes=args.collapse_codes)
@@ -204,7 +248,7 @@ def _inspect(args) -> int:
     if args.json is not None:
         _write_json(args.json, {
             "command": "inspect", "model": {"path": str(weights), "variant": model.variant, "step": step},
-            "data": str(args.data), "split": args.split, "clips": read,
+            "data": str(data), "split": args.split, "clips": read,
             "live_std": args.live_std, "live_rel": None if args.live_std is not None else live_rel,
             "collapse_codes": args.collapse_codes, "plot": None if plot is None else str(plot),
             "flagged": [{"layer": s.layer, "modality": s.modality, "flags": s.flags} for s in stats if s.flags],
@@ -268,9 +312,12 @@ def register(sub) -> None:
                     "each code-usage histogram.",
     )
     p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
-    p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR", help="a dataset carrying every modality of the model (e.g. the pretraining set)")
+    p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR",
+                   help="a dataset carrying every modality of the model (a folder holding dataset.json), or a DATA_DIR "
+                        "holding pretrain/ (then its pretraining set is read, as the output says)")
     p.add_argument("--split", default="train", help="split to read (default: train)")
-    p.add_argument("--clips", type=int, default=800, metavar="N", help="clips to read, in shard order (default: 800)")
+    p.add_argument("--clips", type=int, default=800, metavar="N",
+                   help="clips to read, the first N in shard order (default: 800; the whole split when it holds fewer)")
     p.add_argument("--batch-size", type=int, default=200, metavar="N", help="clips per batch")
     p.add_argument("--collapse-codes", type=int, default=COLLAPSE_CODES, metavar="N",
                    help=f"flag a collapsed codebook where at most N distinct codes are used (default {COLLAPSE_CODES})")

@@ -141,9 +141,10 @@ def _run_config_types():
     return ModelConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "srcid train") -> argparse.ArgumentParser:
+    """The trainer's flags; ``prog`` is the command the user typed (``launcher/train.py`` passes its own)."""
     parser = argparse.ArgumentParser(
-        prog="launcher/train.py",
+        prog=prog,
         description="Train SRCID or a DCID baseline (one process, or many through the deepspeed launcher).",
     )
     parser.add_argument("--model", choices=VARIANTS, default=None, help="method variant (default srcid)")
@@ -248,11 +249,13 @@ class Trainer:
             # Share the cores between the ranks of this machine instead of oversubscribing them.
             local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-        # Rank 0 checks (and with --overwrite clears) the run directory before anything is read or written;
-        # every rank learns the outcome in the same collective.
+        # Rank 0 checks the data folder, then checks (and with --overwrite clears) the run directory before
+        # anything is read or written, so no run folder is made for data that is not there; every rank learns
+        # the outcome in the same collective.
         error = None
         if self.is_main:
             try:
+                check_data_folder(self.data_dir, config.split)
                 prepare_run_dir(self.run_dir, resume=resume is not None, overwrite=overwrite)
             except SrcidError as exc:
                 error = exc
@@ -669,6 +672,24 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir()
 
 
+def check_data_folder(data_dir: Path, split: str) -> None:
+    """``--data`` is a dataset folder with a valid manifest, the split and its shard files (rank 0, before
+    ``--out`` is created or touched)."""
+    from srcid.data.manifest import MANIFEST_NAME, load_manifest
+    from srcid.data.validate import check_shard_files
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        state = "not a folder" if data_dir.exists() else "no such folder"
+        raise SrcidError(f"--data {data_dir}: {state} (the pretraining dataset folder, holding {MANIFEST_NAME})")
+    if not (data_dir / MANIFEST_NAME).is_file() and (data_dir / "pretrain" / MANIFEST_NAME).is_file():
+        raise SrcidError(f"--data {data_dir}: holds no {MANIFEST_NAME}; the pretraining dataset is "
+                         f"{data_dir / 'pretrain'}: pass --data {data_dir / 'pretrain'}")
+    manifest = load_manifest(data_dir)
+    manifest.shard_paths(split)  # names the splits when there is no such split
+    check_shard_files(manifest, split)
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Check the run directory before a run reads or writes anything (rank 0 only).
 
@@ -770,8 +791,8 @@ def model_input_shapes(manifest) -> dict:
     return {m: tuple(spec.shape) for m, spec in manifest.modalities.items()}
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "srcid train") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     trainer = None
     try:
