@@ -134,7 +134,9 @@ def test_unknown_layer2_input_norm_is_a_one_line_error():
 def test_layer2_center_takes_out_the_batch_mean_and_evaluation_uses_the_running_mean():
     b = batch()
     m = model(layer2_center=True)
-    assert model().layers[1].centre is None and not any("centre" in k for k in model().state_dict())
+    off = model(layer2_center=False)
+    assert off.layers[1].centre is None and not any("centre" in k for k in off.state_dict())
+    assert model().layers[1].centre is not None  # on by default
     centre = m.layers[1].centre
     m.train()
     raw = {}
@@ -200,4 +202,4 @@ def test_calibrate_centres_sets_the_plain_mean_under_the_current_weights():
     # ranks: reduce sums the totals; a second rank holding the same batches leaves the mean where it is
     twice = m.calibrate_centres(batches, reduce=lambda tensors: [t * 2 for t in tensors])
     assert all(d < 1e-5 for d in twice["layers.1.centre"].values())
-    assert model().calibrate_centres(batches) == {}  # no centre: nothing to do
+    assert model(layer2_center=False).calibrate_centres(batches) == {}  # no centre: nothing to do

@@ -135,9 +135,10 @@ class ModelConfig:
     # authors' code) or "layer" (each step's vector standardised over its dimensions, no learned scale: layer 1's
     # specific output has whatever scale training gives it, and a small one starves layer 2's codebook)
     layer2_input_norm: str = "none"
-    # take the batch mean of layer 2's general features out before quantization (running mean in evaluation):
-    # their shared component otherwise grows at the warm-start switch until every feature falls on one code
-    layer2_center: bool = False
+    # take the batch mean of layer 2's general features out before quantization (in evaluation the mean over training
+    # clips under the final weights): their shared component otherwise grows at the warm-start switch until every
+    # feature falls on one code
+    layer2_center: bool = True
     # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
     # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
     layer2_detach_target: bool = True
