@@ -25,7 +25,7 @@ install: $(STAMP)
 # The demo: synthetic data (small preset), validated; SRCID trained by 2 CPU processes through
 # the DeepSpeed launcher; every downstream task evaluated and printed as the paper's tables.
 demo: $(STAMP)
-	$(VENV)/bin/srcid data synth --preset small --out $(DEMO_DIR)/data
+	$(VENV)/bin/srcid data synth --preset small --out $(DEMO_DIR)/data --overwrite
 	$(VENV)/bin/srcid data check $(DEMO_DIR)/data
 	rm -rf $(DEMO_DIR)/run
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launcher/train.py --model srcid --preset small \

@@ -6,11 +6,12 @@ from pathlib import Path
 
 
 def _synth(args) -> int:
-    from srcid.data.synth import synthesize
+    from srcid.data.synth import check_out_folder, synthesize
     from srcid.errors import check_writable_folder
 
+    check_out_folder(args.out, args.overwrite)  # a folder that is not empty is refused without --overwrite
     check_writable_folder(args.out, "--out")  # before any clip is rendered
-    written = synthesize(args.preset, args.out, seed=args.seed, style=args.style)
+    written = synthesize(args.preset, args.out, seed=args.seed, style=args.style, overwrite=args.overwrite)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -43,7 +44,12 @@ def register(sub) -> None:
 
     p = data_sub.add_parser("synth", help="write the synthetic default datasets (no download)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small")
-    p.add_argument("--out", type=Path, required=True, help="folder that receives pretrain/, ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder that receives pretrain/, ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/ (new or empty; "
+                        "the datasets appear there only once all six are written)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder that is not empty (the old content is deleted, no stale shard is "
+                        "kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style", choices=("standard", "realistic"), default="standard",
                    help="standard: standardized features, easy classes; realistic: the scales, offsets, sparsity and "

@@ -101,9 +101,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -113,8 +111,8 @@ import numpy as np
 from tqdm import tqdm
 
 from srcid.data.safe_pickle import load_npy_array, load_pickled_array
-from srcid.data.shards import DEFAULT_MAX_SAMPLES, DatasetWriter
-from srcid.errors import DataError, SrcidError, check_writable_folder, write_error
+from srcid.data.shards import DEFAULT_MAX_SAMPLES, DatasetWriter, write_staged
+from srcid.errors import DataError, SrcidError, check_writable_folder
 
 T = 10
 TEST_FRACTION = 0.2
@@ -656,17 +654,6 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
             raise SrcidError(f"--out {out}: holds --src {src}; --overwrite would delete the source")
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the finished ``staging`` folder at ``out``; an existing ``out`` is moved away first, then deleted."""
-    old = None
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)  # an empty out folder is replaced by the rename itself
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_importer(layout: str, src, out, max_samples_per_shard: int = DEFAULT_MAX_SAMPLES, progress=None,
                  overwrite: bool = False) -> list:
     """Convert the original layout ``layout`` under ``src`` into a dataset folder ``out``; returns manifest paths.
@@ -685,22 +672,12 @@ def run_importer(layout: str, src, out, max_samples_per_shard: int = DEFAULT_MAX
         out = out.resolve()  # replace the folder it points to, not the link
     _check_out(src, out, overwrite)
     check_writable_folder(out.parent, f"--out {out}: its folder")  # before anything is read
-    staging = out.with_name(f".{out.name}.import-{os.getpid()}")
-    try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-    except OSError as exc:
-        raise write_error(staging, exc) from None
-    try:
+
+    def write(staging):
         paths = LAYOUTS[layout](src, staging, max_samples_per_shard=max_samples_per_shard, progress=progress)
-        try:
-            _swap_in(staging, out)
-        except OSError as exc:
-            raise SrcidError(f"--out {out}: cannot put the import in place: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return [out / Path(p).relative_to(staging) for p in paths]
+
+    try:
+        return write_staged(out, "import", "the import", write)
     finally:
         _read_fitted.cache_clear()
-    return [out / Path(p).relative_to(staging) for p in paths]

@@ -9,15 +9,17 @@ full, and the manifest is written last.
 from __future__ import annotations
 
 import os
-import time
 import re
+import shutil
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import webdataset as wds
 
 from srcid.data.manifest import Manifest, ModalitySpec, SplitInfo, shard_name
-from srcid.errors import DataError
+from srcid.errors import DataError, SrcidError, write_error
 
 DEFAULT_MAX_SAMPLES = 1000
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -144,3 +146,41 @@ class DatasetWriter:
         else:
             self.abort()
         return False
+
+
+T = TypeVar("T")
+
+
+def write_staged(out: Path, tag: str, what: str, write: Callable[[Path], T]) -> T:
+    """Run ``write(staging)`` on a hidden sibling ``.OUT.TAG-<pid>`` and put the finished folder at ``out``.
+
+    An existing non-empty ``out`` (the caller has checked it may go) is moved
+    aside and deleted only after the rename; on any error the staging folder
+    is removed and ``out`` is left as it was. ``what`` names the content in
+    the error (``the datasets``, ``the import``). Returns what ``write`` returns.
+    """
+    base = out.absolute()
+    staging = base.with_name(f".{base.name}.{tag}-{os.getpid()}")
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as exc:
+        raise write_error(staging, exc) from None
+    try:
+        result = write(staging)
+        old = None
+        try:
+            if out.is_dir() and any(out.iterdir()):
+                old = base.with_name(f".{base.name}.replaced-{os.getpid()}")
+                os.replace(out, old)
+            os.replace(staging, out)  # an empty out folder is replaced by the rename itself
+        except OSError as exc:
+            raise SrcidError(f"--out {out}: cannot put {what} in place: {exc.strerror or exc}") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result

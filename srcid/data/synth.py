@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from srcid.data.shards import DatasetWriter
+from srcid.data.shards import DatasetWriter, write_staged
 from srcid.errors import SrcidError
 
 T = 10  # segments (seconds) per clip
@@ -577,13 +577,40 @@ def write_dataset(world: World, name: str, out, progress=None) -> Path:
     return folder / "dataset.json"
 
 
-def synthesize(preset, out, seed: int = 0, *, progress=None, style: str = "standard") -> list:
+def check_out_folder(out, overwrite: bool = False) -> Path:
+    """``out`` (a symlink: the folder it points to) if :func:`synthesize` may write there.
+
+    A new or empty folder is fine; one that is not empty is refused unless
+    ``overwrite`` (then the finished datasets replace it whole), and never when
+    it holds the current working folder. Touches nothing.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        out = out.resolve()  # replace the folder it points to, not the link
+    if out.exists() and not out.is_dir():
+        raise SrcidError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SrcidError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise SrcidError(f"--out {out}: holds the current folder {here}; --overwrite would delete it")
+    return out
+
+
+def synthesize(preset, out, seed: int = 0, *, progress=None, style: str = "standard", overwrite: bool = False) -> list:
     """Write the six synthetic datasets of ``preset`` under ``out``; returns their manifest paths.
 
     ``progress``: show tqdm bars (``None``: only on a terminal). ``style``:
     ``"standard"`` (standardized features, easy classes) or ``"realistic"``
     (the scales, offsets, sparsity and harder classes of real pre-extracted
     features; see :class:`Realism` and docs/SYNTHETIC-DATA.md).
+
+    ``out`` must be new or empty, unless ``overwrite``: then the finished
+    datasets replace it whole (no file of the old content is kept). They are
+    written into a hidden sibling folder ``.OUT.synth-<pid>`` and renamed to
+    ``out`` when complete; on any error that folder is removed and ``out`` is
+    left as it was.
     """
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -592,4 +619,11 @@ def synthesize(preset, out, seed: int = 0, *, progress=None, style: str = "stand
     if not isinstance(seed, int) or seed < 0:
         raise SrcidError(f"seed must be a non-negative integer, got {seed!r}")
     world = World(preset, seed, style)
-    return [write_dataset(world, name, out, progress) for name in DATASETS]
+    out = check_out_folder(out, overwrite)  # a symlink: the folder it points to
+
+    def write_all(staging):
+        for name in DATASETS:
+            write_dataset(world, name, staging, progress)
+
+    write_staged(out, "synth", "the datasets", write_all)
+    return [out / name / "dataset.json" for name in DATASETS]

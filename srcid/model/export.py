@@ -123,9 +123,14 @@ def read_sidecar(path) -> dict:
     unknown = sorted(set(info) - set(SIDECAR_KEYS))
     if unknown:
         raise SrcidError(f"{where}: key {unknown[0]}: unknown (valid keys: {', '.join(SIDECAR_KEYS)})")
-    if info["format"] != FORMAT or info["format_version"] != FORMAT_VERSION:
+    if info["format"] != FORMAT:
         raise SrcidError(f"{where}: key format: {info['format']!r} version {info['format_version']!r}, "
                          f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    version = info["format_version"]
+    # exactly the integer: Python finds true and 1.0 equal to 1, but neither is a format version
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+        raise SrcidError(f"{where}: key format_version: {json.dumps(version)} is not a supported version "
+                         f"(expected the integer {FORMAT_VERSION})")
     if not isinstance(info["extra"], dict):
         raise SrcidError(f"{where}: key extra: must be an object")
     shapes = info["input_shapes"]

@@ -111,6 +111,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_path(path.parent)
 
 
+# Test hook, used only by tests/test_reliability_faults.py: SRCID_TEST_CHECKPOINT_PAUSE=STEP:STAGE:FILE makes the
+# save of checkpoint STEP stop at STAGE (one of PAUSE_STAGES), create FILE and sleep, so that a test can kill the
+# process at exactly that point of the write. Unset (always, outside that test) it costs one dictionary lookup.
+TEST_PAUSE_ENV = "SRCID_TEST_CHECKPOINT_PAUSE"
+PAUSE_STAGES = (
+    "created",     # rank 0 made .tmp-step-N, nothing written into it
+    "hashed",      # every rank's files are in .tmp-step-N, the done-markers hold their sums, no COMPLETE
+    "marked",      # COMPLETE is written inside .tmp-step-N, not renamed
+    "renamed",     # renamed to step-N, the latest pointer not updated, nothing pruned
+    "discarding",  # an old checkpoint (pruned or replaced) renamed to .trash-step-M, not yet deleted
+)
+
+
+def _test_pause(step: int, stage: str) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    want_step, want_stage, flag = spec.split(":", 2)
+    if int(want_step) == step and want_stage == stage:
+        Path(flag).write_text(f"{step}:{stage}\n")
+        time.sleep(600)  # the test kills the process here
+
+
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint of ``step``: ``step-00001234``."""
     return f"step-{step:08d}"
@@ -268,6 +291,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size
         self._barrier = barrier if barrier is not None else (lambda: None)
+        self._saving = -1  # the step being saved (for the test hook in _discard)
 
     def path_for(self, step: int) -> Path:
         """Final directory of the checkpoint of ``step``."""
@@ -303,6 +327,7 @@ class CheckpointManager:
         if trash.exists():
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(path, trash)
+        _test_pause(self._saving, "discarding")
         shutil.rmtree(trash, ignore_errors=True)
 
     def _write_hashes(self, tmp: Path) -> None:
@@ -327,10 +352,12 @@ class CheckpointManager:
         info = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "sha256": dict(sorted(hashes.items()))}
         _write_atomic(tmp / COMPLETE_FILE, (json.dumps(info) + "\n").encode())
+        _test_pause(step, "marked")
         if final.exists():
             self._discard(final)
         os.replace(tmp, final)
         _fsync_path(self.directory)
+        _test_pause(step, "renamed")
         # The checkpoint is complete from here on; the pointer and the pruning
         # are housekeeping, so their failure is a warning, not a failed save.
         try:
@@ -351,6 +378,7 @@ class CheckpointManager:
             raise SrcidError(f"checkpoint step must be a non-negative int, got {step!r}")
         final = self.path_for(step)
         tmp = self.directory / f"{_TMP_PREFIX}{final.name}"
+        self._saving = step
         previous = self.latest()
         error: BaseException | None = None
         if self.rank == 0:
@@ -361,6 +389,7 @@ class CheckpointManager:
             except OSError as exc:
                 error = exc
         self._barrier()
+        _test_pause(step, "created")
         if error is None:
             try:
                 if not tmp.is_dir():
@@ -375,6 +404,7 @@ class CheckpointManager:
             except Exception as exc:
                 error = exc
         self._barrier()
+        _test_pause(step, "hashed")
         if self.rank == 0:
             missing = [r for r in range(self.world_size) if not (tmp / self._marker(r)).exists()]
             try:

@@ -27,9 +27,15 @@ Fault propagation has three layers:
    watchdog with ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default). The
    timeout must exceed the longest time one rank spends outside collectives
    while the others wait (a checkpoint write, an evaluation on rank 0).
+   The run config's ``timeout_s`` sets it (``--set timeout_s=10``).
 
 The helpers here convert a failed collective into a one-line
-:class:`SrcidError`.
+:class:`SrcidError`; :func:`collective_failure` does the same at the
+trainer's top level for the collectives DeepSpeed and autograd run
+themselves, so a rank whose peer was killed exits with one
+``srcid: error: rank R: ... failed (a peer rank exited or did not answer
+within T s): ...`` line, not a hang or a traceback
+(tests/test_reliability_faults.py).
 """
 from __future__ import annotations
 
@@ -146,10 +152,45 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# What gloo and NCCL errors say when a peer is gone or late; a RuntimeError that holds one of these, raised
+# while a process group of several ranks is up, is a failed collective (collective_failure).
+_PEER_LOSS_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                      "NCCL", "ProcessGroup")
+# gloo appends a sentence of general advice (and an emoji) to every transport error: cut from here
+_GLOO_ADVICE = " This is typically caused by"
+
+
+def _detail(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    cut = text.find(_GLOO_ADVICE)
+    if cut > 0:
+        text = text[:cut]
+    return text[:300]
+
+
 def _collective_failed(name: str, exc: BaseException) -> SrcidError:
-    detail = " ".join(str(exc).split())[:300]
     return SrcidError(f"rank {get_rank()}: {name} failed (a peer rank exited or did not answer within "
-                      f"{_state.timeout_s:g} s): {detail}")
+                      f"{_state.timeout_s:g} s): {_detail(exc)}")
+
+
+def collective_failure(exc: BaseException) -> SrcidError | None:
+    """A one-line :class:`SrcidError` for a collective that failed outside these helpers, else None.
+
+    DeepSpeed's own collectives (the gradient all-reduce in ``engine.backward``,
+    ZeRO's reduce-scatter and all-gather, its checkpoint barriers) and the
+    backward pass of :class:`BatchGather` raise gloo's or NCCL's error as it
+    is, a ``RuntimeError`` (``torch.distributed.DistError`` for some). The
+    trainer's top level turns such an error into this line instead of a
+    traceback, when a process group of several ranks is up (with a single
+    process there is no peer to lose, and any other ``RuntimeError`` is a bug
+    whose traceback is kept).
+    """
+    if not isinstance(exc, RuntimeError) or get_world_size() < 2:
+        return None
+    text = str(exc)
+    if isinstance(exc, dist.DistError) or any(marker in text for marker in _PEER_LOSS_MARKERS):
+        return _collective_failed("a collective operation", exc)
+    return None
 
 
 def barrier() -> None:

@@ -819,6 +819,15 @@ def main(argv=None, prog: str = "srcid train") -> int:
         print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
         _stop(trainer, ok=False)
         return 1
+    except RuntimeError as exc:  # a collective DeepSpeed or autograd ran failed: a peer rank died or hung
+        from srcid.train.distributed import collective_failure
+
+        failure = collective_failure(exc)
+        if failure is None:
+            raise  # not a failed collective: a bug, whose traceback is kept
+        print(f"srcid: error: {failure}", file=sys.stderr)
+        _stop(trainer, ok=False)
+        return failure.exit_code
 
 
 def _raised_on_every_rank(exc: BaseException) -> bool:
