@@ -2,7 +2,8 @@
 
 * A new training run refuses a folder that holds a run (or anything else) unless ``--resume`` or
   ``--overwrite``; ``--overwrite`` clears a run directory, never another folder.
-* ``srcid eval`` replaces its own previous JSON (evaluations are re-run), atomically.
+* ``srcid eval``, ``inspect`` and ``export`` refuse an existing output file before any work unless ``--overwrite``;
+  with it the file is replaced atomically.
 * ``train``, ``export``, ``eval``, ``encode``, ``inspect``, ``data import`` and ``data synth`` check that they can
   write their output before the long work, and a failed write is one line naming the path.
 """
@@ -117,10 +118,19 @@ def test_overwrite_clears_only_a_run_directory(tmp_path):
 # ------------------------------------------------------------------------------------------- evaluation output
 
 
-def test_eval_replaces_its_own_json_atomically(model_dir, synth_dir, cli, capsys, tmp_path, monkeypatch):
+def test_eval_refuses_an_existing_json_and_overwrite_replaces_it_atomically(model_dir, synth_dir, cli, capsys, tmp_path,
+                                                                            monkeypatch):
     out = tmp_path / "eval.json"
     out.write_text('{"old": true}\n')
-    assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out) == 0
+    import srcid.eval.tasks
+
+    monkeypatch.setattr(srcid.eval.tasks, "evaluate", never("evaluating"))
+    assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out) == 2
+    assert f"--out {out}: exists; pass --overwrite to replace it" in error_line(capsys)
+    assert out.read_text() == '{"old": true}\n'
+    monkeypatch.undo()
+
+    assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out, "--overwrite") == 0
     first = json.loads(out.read_text())
     assert first["command"] == "eval" and "old" not in first
     capsys.readouterr()
@@ -132,11 +142,24 @@ def test_eval_replaces_its_own_json_atomically(model_dir, synth_dir, cli, capsys
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(srcid.eval.commands.os, "fsync", full)
-    assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out) == 2
+    assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out, "--overwrite") == 2
     line = error_line(capsys)
     assert f"{out}: cannot write: No space left on device" in line
     assert json.loads(out.read_text()) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def test_inspect_and_export_refuse_existing_outputs(model_dir, synth_dir, cli, capsys, tmp_path):
+    report = tmp_path / "inspect.json"
+    report.write_text("{}")
+    assert cli("inspect", "--run", model_dir, "--data", synth_dir / "pretrain", "--json", report) == 2
+    assert f"--json {report}: exists; pass --overwrite to replace it" in error_line(capsys)
+    assert report.read_text() == "{}"
+    weights = tmp_path / "exported.safetensors"
+    weights.with_suffix(".json").write_text("{}")  # the sidecar alone is enough to refuse
+    assert cli("export", str(tmp_path / "no-run"), "--out", weights) == 2
+    assert f"--out {weights}: exported.json exists; pass --overwrite to replace it" in error_line(capsys)
+    assert weights.with_suffix(".json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------------------- write failures

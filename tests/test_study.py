@@ -500,7 +500,7 @@ def test_commands_for_several_processes_and_kernels(tmp_path):
     assert evaluation[:4] == [sys.executable, "-m", "srcid.cli", "eval"]
     assert " ".join(evaluation[4:]) == (f"--run {tmp_path / 'run'} --data {tmp_path / 'data'} --task all --layers 1,2 "
                                         f"--seeds 2 --epochs-cls 30 --epochs-loc 50 --out {tmp_path / 'e.json'} "
-                                        "--kernels reference")
+                                        "--overwrite --kernels reference")
     check = inspect_command(settings, tmp_path / "run", tmp_path / "i.json")
     assert " ".join(check[3:]) == (f"inspect --run {tmp_path / 'run'} --data {tmp_path / 'data' / 'pretrain'} "
-                                   f"--json {tmp_path / 'i.json'} --kernels reference")
+                                   f"--json {tmp_path / 'i.json'} --overwrite --kernels reference")

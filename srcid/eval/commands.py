@@ -34,7 +34,7 @@ def default_output(run: Path, weights: Path, protocol: str, layers, task: str) -
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write (or replace: evaluations are re-run) a JSON file atomically: temporary file, fsync, rename."""
+    """Write a JSON file atomically (temporary file, fsync, rename); an existing one only with --overwrite."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -50,10 +50,13 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_output_file(flag: str, path: Path) -> None:
-    """Before any long work: ``path`` is not a folder and its folder exists (or is created) and is writable."""
+def _check_output_file(flag: str, path: Path, overwrite: bool) -> None:
+    """Before any long work: ``path`` is not a folder, does not exist yet unless ``overwrite`` (an output of an
+    earlier command is never replaced silently), and its folder exists (or is created) and is writable."""
     if path.is_dir():
         raise SrcidError(f"{flag} {path}: is a folder; name the file to write")
+    if path.exists() and not overwrite:
+        raise SrcidError(f"{flag} {path}: exists; pass --overwrite to replace it")
     check_writable_folder(path.parent, f"{flag} {path}: its folder")
 
 
@@ -76,7 +79,7 @@ def _eval(args) -> int:
     model, info, weights = open_model(args.run, args.device)
     layers = parse_layers(args.layers, model)
     out = args.out or default_output(args.run, weights, args.protocol, layers, args.task)
-    _check_output_file("--out", out)  # before the heads train, not after
+    _check_output_file("--out", out, args.overwrite)  # before the heads train, not after
     encoder = FeatureEncoder(model, layers, batch_size=args.batch_size)
     settings = EvalSettings(protocol=args.protocol, seeds=seed_list(args.seeds), epochs_cls=args.epochs_cls,
                             epochs_loc=args.epochs_loc, background=not args.no_background, device=str(encoder.device),
@@ -208,7 +211,7 @@ def _inspect(args) -> int:
         raise SrcidError(f"--plot {plot}: the same file as --json")
     for flag, path in (("--json", args.json), ("--plot", plot)):
         if path is not None:
-            _check_output_file(flag, path)
+            _check_output_file(flag, path, args.overwrite)
     data, note = inspect_dataset(args.data)
     model, info, weights = open_model(args.run, args.device)
     device = next(model.parameters()).device
@@ -280,6 +283,7 @@ def register(sub) -> None:
     p.add_argument("--epochs-cls", type=int, default=30, metavar="N", help="epochs of classification heads")
     p.add_argument("--epochs-loc", type=int, default=50, metavar="N", help="epochs of localization heads")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="JSON file (default: RUN_DIR/eval-<protocol>-layers<1|1-2>.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file (else refused before any work)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--no-background", action="store_true", help="no background column in localization targets")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="clips per encoding batch")
@@ -327,6 +331,7 @@ def register(sub) -> None:
     p.add_argument("--live-std", type=float, default=None, metavar="S",
                    help="instead of --live-rel: an absolute threshold, live when the std exceeds S")
     p.add_argument("--json", type=Path, default=None, metavar="FILE.json", help="also write the numbers as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files (else refused before any work)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                    help="write the code-usage histograms as a PNG (default with --json: FILE-codes.png beside it; "
                         "without --json: none)")

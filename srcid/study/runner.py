@@ -232,7 +232,8 @@ def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> l
     plan = settings.plan
     command = [sys.executable, "-m", "srcid.cli", "eval", "--run", str(run_dir), "--data", str(settings.data),
                "--task", "all", "--layers", layers, "--seeds", str(settings.seeds),
-               "--epochs-cls", str(plan.epochs_cls), "--epochs-loc", str(plan.epochs_loc), "--out", str(out)]
+               "--epochs-cls", str(plan.epochs_cls), "--epochs-loc", str(plan.epochs_loc), "--out", str(out),
+               "--overwrite"]  # the cell's own file: an evaluation made with other settings is redone
     if settings.kernels:
         command += ["--kernels", settings.kernels]
     return command
@@ -241,7 +242,7 @@ def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> l
 def inspect_command(settings: Settings, run_dir: Path, out: Path) -> list:
     """``srcid inspect`` (the collapse check) of a cell's run on the pretraining data."""
     command = [sys.executable, "-m", "srcid.cli", "inspect", "--run", str(run_dir), "--data",
-               str(settings.data / "pretrain"), "--json", str(out)]
+               str(settings.data / "pretrain"), "--json", str(out), "--overwrite"]
     if settings.kernels:
         command += ["--kernels", settings.kernels]
     return command

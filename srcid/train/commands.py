@@ -13,7 +13,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from srcid.train.trainer import export_run
 
-    path = export_run(args.run, args.out)
+    path = export_run(args.run, args.out, overwrite=args.overwrite)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
@@ -32,4 +32,5 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a run's inference weights as safetensors + JSON")
     p.add_argument("run", type=Path, help="run directory (with checkpoints/ and run_config.json)")
     p.add_argument("--out", type=Path, required=True, help="output file, ending in .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file and its sidecar")
     p.set_defaults(func=_export)

@@ -755,7 +755,7 @@ def load_run_config(path: Path) -> RunConfig:
     return config
 
 
-def export_run(run_dir: Path, out: Path) -> Path:
+def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     """Inference weights of a run's latest checkpoint as safetensors + JSON (``srcid export``).
 
     The output folder is checked for writing first; the checkpoint is verified against the SHA-256 sums its
@@ -767,6 +767,10 @@ def export_run(run_dir: Path, out: Path) -> Path:
 
     run_dir = Path(run_dir)
     out = _weights_path(out)
+    if not overwrite:
+        for path in (out, out.with_suffix(".json")):
+            if path.exists():
+                raise SrcidError(f"--out {out}: {path.name} exists; pass --overwrite to replace it")
     check_writable_folder(out.parent, f"--out {out}: its folder")
     config_path = run_dir / RUN_CONFIG_FILE
     if not config_path.is_file():
