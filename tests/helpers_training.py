@@ -17,3 +17,21 @@ def train_for_steps(model, loader, steps: int, *, layer2_weight: float) -> int:
                 break
         epoch += 1
     return done
+
+
+def train_in_process(monkeypatch, *argv) -> int:
+    """``launcher/train.py ARGV`` in this process, one thread, with no launch variables (so on a fresh local port).
+
+    DeepSpeed keeps a clone of the world process group across runs in one process; it is dropped here, as
+    every run starts (and ends) its own process group."""
+    from deepspeed.utils import groups
+
+    from srcid.train.trainer import main as train_main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            monkeypatch.setattr(groups, name, None)
+    return train_main([str(a) for a in argv])

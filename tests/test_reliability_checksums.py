@@ -13,7 +13,7 @@ import srcid.cli
 from srcid.errors import CorruptFileError, SrcidError
 from srcid.train.checkpoint import (COMPLETE_FILE, CheckpointManager, checkpoint_files, file_sha256,
                                     recorded_hashes, verify_checkpoint)
-from srcid.train.trainer import main as train_main
+from helpers_training import train_in_process as train
 
 STEPS = 8
 # one process, ZeRO stage 1 (so the optimizer state is a file of its own), a checkpoint every 2 steps (4, 6, 8 kept)
@@ -28,23 +28,8 @@ CHECKPOINT_FILES = {  # what each kind of file of a checkpoint holds -> its path
     "train state": "train_state.json",
     "club nets": "club.pt",
 }
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def train(monkeypatch, *argv) -> int:
-    """``launcher/train.py ARGV`` in this process, one thread, on a fresh local port.
-
-    DeepSpeed keeps a clone of the world process group across runs in one process; it is dropped here, as
-    every run starts (and ends) its own process group."""
-    from deepspeed.utils import groups
-
-    for name in _LAUNCH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            monkeypatch.setattr(groups, name, None)
-    return train_main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from srcid.data import validate
 from srcid.data.manifest import load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.errors import DataError, SrcidError
+from helpers_training import train_in_process as _train
 
 REPO = Path(__file__).resolve().parents[1]
 MODS = {"audio": ([4, 3], "float16"), "video": ([4, 5, 5, 3], "float32"), "text": ([None, 5], "float16")}
@@ -261,19 +262,6 @@ def test_data_check_refuses_exactly_the_grids_training_refuses(tmp_path, grid):
 # ------------------------------------------------------------------------------------------- training, config
 
 
-def _train(monkeypatch, *argv) -> int:
-    """``launcher/train.py ARGV`` in this process (see tests/test_reliability_outputs.py)."""
-    from deepspeed.utils import groups
-
-    from srcid.train.trainer import main as train_main
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            monkeypatch.setattr(groups, name, None)
-    return train_main([str(a) for a in argv])
 
 
 def test_missing_data_creates_no_run_folder(tmp_path, monkeypatch, capsys):

@@ -21,26 +21,14 @@ from srcid.errors import SrcidError
 from srcid.model import build_model_from_manifest, model_config
 from srcid.model.export import export_model
 from srcid.train.trainer import RUN_CONFIG_FILE, prepare_run_dir
-from srcid.train.trainer import main as train_main
+from helpers_training import train_in_process as train
 
 TRAIN_ARGS = ["--model", "srcid", "--preset", "tiny", "--max-steps", "2", "--quiet", "--set", "batch_size=8",
               "--set", "num_workers=0", "--set", "log_every=1", "--set", "input_stats_clips=16"]
 EVAL_ARGS = ["--task", "ave", "--seeds", "1", "--epochs-cls", "1", "--epochs-loc", "1", "--batch-size", "64"]
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def train(monkeypatch, *argv) -> int:
-    """``launcher/train.py ARGV`` in this process (see tests/test_reliability_checksums.py)."""
-    from deepspeed.utils import groups
-
-    for name in _LAUNCH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            monkeypatch.setattr(groups, name, None)
-    return train_main([str(a) for a in argv])
 
 
 @pytest.fixture
