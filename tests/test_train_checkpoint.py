@@ -11,8 +11,8 @@ import torch
 
 from srcid.errors import SrcidError
 from srcid.train.checkpoint import (COMPLETE_FILE, CheckpointManager, capture_rng_state, checkpoint_step,
-                                    load_rng_state, load_tensors, read_json, restore_rng_state, rng_state_path,
-                                    save_rng_state, save_tensors, write_json_atomic)
+                                    load_rng_state, load_tensors, restore_rng_state, rng_state_path,
+                                    save_rng_state, save_tensors)
 
 
 def writer(payload):
@@ -210,20 +210,3 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     # the same file loaded without weights_only would run the code: the test's payload is real
     torch.load(path, weights_only=False)
     assert marker.is_dir()
-
-
-def test_json_state_round_trip_and_errors(tmp_path):
-    state = {"step": 1234, "epoch": 2, "position": 17, "warm_start": {"window": [[10, 0.25]]},
-             "config": {"lr": 4e-4}}
-    path = tmp_path / "train_state.json"
-    write_json_atomic(path, state)
-    assert read_json(path) == state
-    assert [p.name for p in tmp_path.iterdir()] == ["train_state.json"]
-    with pytest.raises(SrcidError, match="not found"):
-        read_json(tmp_path / "missing.json")
-    (tmp_path / "broken.json").write_text("{\"step\": ")
-    with pytest.raises(SrcidError, match="broken.json: not valid JSON"):
-        read_json(tmp_path / "broken.json")
-    with pytest.raises(SrcidError, match="cannot write as JSON"):
-        write_json_atomic(tmp_path / "bad.json", {"x": object()})
-    assert read_json(path) == state

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 from srcid.errors import DataError
+from srcid.files import read_json_object, write_json_atomic
 
 FORMAT_VERSION = 1
 MODALITIES = ("audio", "video", "text")
@@ -76,11 +76,7 @@ class Manifest:
 
     def save(self, folder) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / MANIFEST_NAME
-        tmp = folder / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        target = write_json_atomic(folder / MANIFEST_NAME, self.to_json())
         self.path = folder
         return target
 
@@ -157,10 +153,7 @@ def load_manifest(folder) -> Manifest:
         raise DataError(f"{folder}: not a dataset folder (no such directory)")
     if not path.is_file():
         raise DataError(f"{path}: missing: a dataset folder holds a {MANIFEST_NAME} manifest")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json_object(path, error=DataError)
     manifest = parse_manifest(data, str(path))
     manifest.path = folder
     return manifest

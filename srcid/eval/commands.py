@@ -2,14 +2,13 @@
 ``srcid inspect`` (a collapse check of a model's representations)."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from srcid.cli import add_kernels_flag
-from srcid.errors import SrcidError, check_writable_folder, write_error
+from srcid.errors import SrcidError, check_writable_folder
+from srcid.files import write_json_atomic
 
 DATA_FOLDERS = "ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/"
 PROTOCOL_DESCRIPTIONS = {
@@ -31,23 +30,6 @@ def default_output(run: Path, weights: Path, protocol: str, layers, task: str) -
     run_dir = run if run.is_dir() else weights.parent
     suffix = "" if task == "all" else f"-{task}"
     return run_dir / f"eval-{protocol}-layers{_layers_tag(layers)}{suffix}.json"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write a JSON file atomically (temporary file, fsync, rename); an existing one only with --overwrite."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_output_file(flag: str, path: Path, overwrite: bool) -> None:
@@ -95,7 +77,7 @@ def _eval(args) -> int:
     header += "".join(f"\nNote: {reason}" for reason in report["skipped"].values())
     markdown = header + "\n\n" + "\n".join(to_markdown(table) for table in tables.values())
     print(markdown)
-    _write_json(out, {
+    write_json_atomic(out, {
         "srcid_version": __version__,
         "command": "eval",
         "model": {"path": str(weights), "variant": model.variant, "step": step, "extra": info["extra"],
@@ -249,7 +231,7 @@ def _inspect(args) -> int:
         plot_code_usage(stats, plot, title=header)
         print(f"wrote {plot}")
     if args.json is not None:
-        _write_json(args.json, {
+        write_json_atomic(args.json, {
             "command": "inspect", "model": {"path": str(weights), "variant": model.variant, "step": step},
             "data": str(data), "split": args.split, "clips": read,
             "live_std": args.live_std, "live_rel": None if args.live_std is not None else live_rel,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +29,8 @@ from srcid.data import validate
 from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
-from srcid.errors import DataError, SrcidError, check_writable_folder, write_error
+from srcid.errors import DataError, SrcidError, check_writable_folder
+from srcid.files import write_json_atomic
 from srcid.model.export import WEIGHTS_SUFFIX, load_model
 from srcid.model.inputs import fit_steps
 
@@ -369,12 +369,4 @@ def _encodable_carried(scan: SplitScan, encodable) -> tuple:
 
 
 def _write_codes_info(folder: Path, info: dict) -> None:
-    target = folder / CODES_INFO
-    tmp = folder / f".{CODES_INFO}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise write_error(target, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(folder / CODES_INFO, info, allow_nan=True)

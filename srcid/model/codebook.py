@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
 
 from srcid import ops

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ from safetensors.torch import load_file, save
 
 from srcid import __version__
 from srcid.config import from_dict, to_dict, with_absent_keys
-from srcid.errors import CorruptFileError, SrcidError, write_error
+from srcid.errors import CorruptFileError, SrcidError
+from srcid.files import read_json_object, write_atomic, write_json_atomic
 from srcid.model.config import ABSENT_MEANS, ModelConfig
 from srcid.model.variants import build_model, get_variant
 
@@ -87,21 +87,8 @@ def export_model(model, *, variant: str, config: ModelConfig, input_shapes: dict
         "weights_sha256": hashlib.sha256(data).hexdigest(),  # of the bytes written, not read back
         "extra": dict(extra or {}),
     }
-    text = json.dumps(info, indent=2, default=str) + "\n"
-    target = sidecar_path(path)
-    for where, payload in ((path, data), (target, text.encode("utf-8"))):
-        tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
-        try:
-            where.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, where)
-        except OSError as exc:
-            raise write_error(where, exc) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+    write_atomic(path, data)
+    write_json_atomic(sidecar_path(path), info, default=str, allow_nan=True)
     return path
 
 
@@ -111,12 +98,7 @@ def read_sidecar(path) -> dict:
     where = sidecar_path(path)
     if not where.is_file():
         raise SrcidError(f"{where}: missing: the exported model {path.name} needs its JSON sidecar")
-    try:
-        info = json.loads(where.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SrcidError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise SrcidError(f"{where}: must be a JSON object, found {type(info).__name__}")
+    info = read_json_object(where)
     for key in SIDECAR_KEYS:
         if key not in info and key not in OPTIONAL_KEYS:
             raise SrcidError(f"{where}: key {key}: missing")

@@ -22,10 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
+from srcid.files import write_atomic, write_json_atomic
 from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
 from srcid.study.runner import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
 
@@ -415,12 +415,6 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(settings: Settings, grid: list, failed: list) -> dict:
     """Write ``tables.md``, ``results.json`` and the plots into the study folder; returns the JSON data."""
     from srcid import __version__
@@ -463,6 +457,6 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
         "mi_curves": curves,
         "files": {"tables": TABLES_FILE, **PLOT_FILES},
     }
-    _write_text(out / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
-    _write_text(out / TABLES_FILE, _markdown(settings, cells, tables, fig3, curves, pooled))
+    write_json_atomic(out / RESULTS_FILE, data)
+    write_atomic(out / TABLES_FILE, _markdown(settings, cells, tables, fig3, curves, pooled))
     return data

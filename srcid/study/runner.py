@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from srcid.errors import SrcidError
+from srcid.files import write_json_atomic
 from srcid.study.grid import DEFAULT_TRAIN_SEED, Cell, Plan
 
 CELLS_DIR = "cells"
@@ -168,10 +169,7 @@ def read_record(files: CellFiles) -> dict:
 
 
 def write_record(files: CellFiles, record: dict) -> None:
-    files.dir.mkdir(parents=True, exist_ok=True)
-    tmp = files.record.with_name(f".{files.record.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, files.record)
+    write_json_atomic(files.record, record, allow_nan=True)
 
 
 # --------------------------------------------------------------------------- commands

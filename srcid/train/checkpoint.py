@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from srcid.errors import CorruptFileError, SrcidError
+from srcid.files import fsync_path, write_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
@@ -70,20 +71,11 @@ def _load_error(error: BaseException) -> str:
     return _one_line(error)
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory by path (works for files written by other processes)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def file_sha256(path) -> str:
@@ -93,22 +85,6 @@ def file_sha256(path) -> str:
         for block in iter(lambda: handle.read(HASH_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
 
 
 # Test hook, used only by tests/test_reliability_faults.py: SRCID_TEST_CHECKPOINT_PAUSE=STEP:STAGE:FILE makes the
@@ -351,20 +327,20 @@ class CheckpointManager:
         _fsync_tree(tmp)
         info = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "sha256": dict(sorted(hashes.items()))}
-        _write_atomic(tmp / COMPLETE_FILE, (json.dumps(info) + "\n").encode())
+        write_atomic(tmp / COMPLETE_FILE, json.dumps(info) + "\n", sync_folder=True)
         _test_pause(step, "marked")
         if final.exists():
             self._discard(final)
         os.replace(tmp, final)
-        _fsync_path(self.directory)
+        fsync_path(self.directory)
         _test_pause(step, "renamed")
         # The checkpoint is complete from here on; the pointer and the pruning
         # are housekeeping, so their failure is a warning, not a failed save.
         try:
-            _write_atomic(self.directory / LATEST_FILE, (final.name + "\n").encode())
+            write_atomic(self.directory / LATEST_FILE, final.name + "\n", sync_folder=True)
             for old in self.checkpoints()[:-self.keep_last]:
                 self._discard(old)
-        except OSError as exc:
+        except (OSError, SrcidError) as exc:
             warnings.warn(f"checkpoint {final} is complete, but updating {self.directory / LATEST_FILE} "
                           f"or removing old checkpoints failed: {_one_line(exc)}", stacklevel=3)
 
@@ -435,7 +411,7 @@ def save_tensors(path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -451,29 +427,6 @@ def load_tensors(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise SrcidError(f"{path}: cannot load: {_load_error(exc)}") from None
-
-
-def write_json_atomic(path, data) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    try:
-        text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True)
-    except (TypeError, ValueError) as exc:
-        raise SrcidError(f"{path}: cannot write as JSON: {_one_line(exc)}") from None
-    _write_atomic(Path(path), (text + "\n").encode())
-
-
-def read_json(path) -> dict:
-    """Read a JSON object written by :func:`write_json_atomic`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SrcidError(f"{path}: file not found") from None
-    except (OSError, ValueError) as exc:
-        raise SrcidError(f"{path}: not valid JSON: {_one_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise SrcidError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 # ---------------------------------------------------------------- RNG states

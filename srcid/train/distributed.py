@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from srcid.errors import SrcidError
+from srcid.files import read_json_object
 
 DEFAULT_TIMEOUT_S = 120.0
 ZERO_STAGES = (0, 1, 2)
@@ -389,10 +390,8 @@ def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int
     Only the parameters handed to ``deepspeed.initialize`` are optimised:
     the CLUB networks have their own Adam and stay out of it.
     """
-    from srcid.train.checkpoint import read_json
-
     path = Path(path)
-    config = read_json(path)
+    config = read_json_object(path)
     if zero_stage is not None:
         if zero_stage not in ZERO_STAGES:
             raise SrcidError(f"ZeRO stage must be one of {ZERO_STAGES}, got {zero_stage!r}")

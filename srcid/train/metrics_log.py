@@ -35,20 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from srcid.errors import SrcidError
+from srcid.files import write_atomic
 
 METRICS_CSV = "metrics.csv"
 EVENTS_FILE = "events.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "metrics.png"
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -108,12 +100,12 @@ class MetricsLogger:
             if resume_step is not None:
                 kept = [row for row in rows if int(row[0]) <= resume_step]
                 if len(kept) != len(rows):
-                    _replace_text(self.csv_path, _csv_text(self._columns, kept))
+                    write_atomic(self.csv_path, _csv_text(self._columns, kept))
         if resume_step is not None and self.events_path.exists():
             events = read_events(self.run_dir)
             kept = [e for e in events if e["step"] <= resume_step]
             if len(kept) != len(events):
-                _replace_text(self.events_path, "".join(json.dumps(e) + "\n" for e in kept))
+                write_atomic(self.events_path, "".join(json.dumps(e) + "\n" for e in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
@@ -132,7 +124,7 @@ class MetricsLogger:
         self._file.close()
         columns, rows = _read_csv(self.csv_path) if self.csv_path.stat().st_size else ([], [])
         self._columns = columns + [k for k in new_keys if k not in columns]
-        _replace_text(self.csv_path, _csv_text(self._columns, rows))
+        write_atomic(self.csv_path, _csv_text(self._columns, rows))
         self._open()
 
     def log(self, step: int, scalars: dict[str, float]) -> None:

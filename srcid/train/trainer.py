@@ -30,6 +30,7 @@ import torch
 
 from srcid.config import apply_overrides, from_dict, to_dict, with_absent_keys
 from srcid.errors import SrcidError
+from srcid.files import read_json_object, write_json_atomic
 from srcid.train.collapse import CollapseConfig, CollapseMonitor
 from srcid.model.config import ABSENT_MEANS as MODEL_ABSENT_MEANS
 from srcid.train.warm_start import ABSENT_MEANS as WARM_START_ABSENT_MEANS
@@ -314,9 +315,8 @@ class Trainer:
         if resume:
             self._resume()
         elif self.is_main:
-            from srcid.train.checkpoint import write_json_atomic
 
-            write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config))
+            write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config), sort_keys=True)
         dist_helpers.barrier()
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
         if self._resume_info is not None:
@@ -340,22 +340,22 @@ class Trainer:
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
-        from srcid.train.checkpoint import rng_state_path, save_engine, save_rng_state, save_tensors, write_json_atomic
+        from srcid.train.checkpoint import rng_state_path, save_engine, save_rng_state, save_tensors
 
         save_engine(self.engine, directory)
         save_rng_state(rng_state_path(directory, self.rank))
         if self.is_main:
             save_tensors(directory / CLUB_STATE_FILE, self.mi_fitter.state_dict())
-            write_json_atomic(directory / TRAIN_STATE_FILE, self._train_state())
+            write_json_atomic(directory / TRAIN_STATE_FILE, self._train_state(), indent=1, sort_keys=True, allow_nan=True)
 
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _resume(self) -> None:
-        from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, read_json, rng_state_path
+        from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, rng_state_path
 
         latest = self._resume_from
-        state = read_json(latest / TRAIN_STATE_FILE)
+        state = read_json_object(latest / TRAIN_STATE_FILE)
         missing = sorted({"step", "epoch", "step_in_epoch", "world_size", "warm_start"} - set(state))
         if missing:
             raise SrcidError(f"{latest / TRAIN_STATE_FILE}: missing key(s) {', '.join(missing)}")
@@ -745,9 +745,7 @@ def state_digest(state: dict) -> int:
 
 def load_run_config(path: Path) -> RunConfig:
     """A :class:`RunConfig` from a run directory's ``run_config.json``."""
-    from srcid.train.checkpoint import read_json
-
-    data = read_json(path)
+    data = read_json_object(path)
     config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(path))
     config.model = from_dict(_run_config_types(), with_absent_keys(data["model"], MODEL_ABSENT_MEANS), f"{path}: model")
     config.warm_start = from_dict(WarmStartConfig, with_absent_keys(data["warm_start"], WARM_START_ABSENT_MEANS),
@@ -763,7 +761,7 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     from srcid.errors import check_writable_folder
     from srcid.model.export import _weights_path, export_model
     from srcid.model.variants import build_model
-    from srcid.train.checkpoint import CheckpointManager, load_module_state, read_json, verify_checkpoint
+    from srcid.train.checkpoint import CheckpointManager, load_module_state, verify_checkpoint
 
     run_dir = Path(run_dir)
     out = _weights_path(out)
@@ -780,7 +778,7 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     if latest is None:
         raise SrcidError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     verify_checkpoint(latest)  # a corrupt file is one line naming it; a checkpoint without sums loads unverified
-    state = read_json(latest / TRAIN_STATE_FILE)
+    state = read_json_object(latest / TRAIN_STATE_FILE)
     model = build_model(config.variant, config.model, state["input_shapes"])
     try:
         model.load_state_dict(load_module_state(latest))
