@@ -14,7 +14,7 @@ import pytest
 
 from helpers_data import MODALITIES, edit_member, edit_meta, first_key, npy_bytes, read_tar, write_dataset, write_tar
 from srcid import cli
-from srcid.data import validate
+from srcid.data import check, shard_format
 from srcid.data.manifest import load_manifest
 from srcid.errors import DataError
 
@@ -36,7 +36,7 @@ def _damage_garbage(folder):
 
 def _damage_header(folder):
     shard = folder / "train-000004.tar"
-    start = validate.index_shard(shard).samples[2].start
+    start = shard_format.index_shard(shard).samples[2].start
     data = bytearray(shard.read_bytes())
     data[start:start + 512] = np.random.default_rng(1).integers(0, 256, size=512, dtype=np.uint8).tobytes()
     shard.write_bytes(bytes(data))
@@ -275,8 +275,8 @@ def test_skip_bad_reports_the_count_and_reason(results):
 
 def test_check_in_process_matches_across_worker_counts(results):
     _, _, root = results
-    serial = [r.summary() for r in validate.check_path(root / "good")]
-    parallel = [r.summary() for r in validate.check_path(root / "good", workers=2)]
+    serial = [r.summary() for r in check.check_path(root / "good")]
+    parallel = [r.summary() for r in check.check_path(root / "good", workers=2)]
     assert serial == parallel and len(serial) == 4
 
 
@@ -284,21 +284,21 @@ def test_decode_sample_checks_headers_of_arrays_it_does_not_load(tmp_path):
     folder = tmp_path / "ds"
     clips = write_dataset(folder, n=3, shard_size=3)
     manifest = load_manifest(folder)
-    index = validate.index_shard(folder / "train-000000.tar")
-    raws = list(validate.read_raw_samples(index, index.samples))
+    index = shard_format.index_shard(folder / "train-000000.tar")
+    raws = list(shard_format.read_raw_samples(index, index.samples))
     assert [r["__key__"] for r in raws] == sorted(clips)
     for raw in raws:
         features, meta = clips[raw["__key__"]]
-        light = validate.decode_sample(raw, manifest, index.path, decode=False)
+        light = shard_format.decode_sample(raw, manifest, index.path, decode=False)
         assert light.features == {}
         assert light.lengths == {m: a.shape[0] for m, a in features.items()}
         assert light.label == meta["label"] and light.caption == meta.get("caption")
-        some = validate.decode_sample(raw, manifest, index.path, modalities=("text",))
+        some = shard_format.decode_sample(raw, manifest, index.path, modalities=("text",))
         assert list(some.features) == ["text"] and np.array_equal(some.features["text"], features["text"])
     raw = dict(raws[0], **{"video.npy": npy_bytes(np.zeros((4, 2, 2, 3), np.float16))})
     with pytest.raises(DataError, match="member video.npy: dtype float16, expected float32"):
-        validate.decode_sample(raw, manifest, index.path, decode=False)
+        shard_format.decode_sample(raw, manifest, index.path, decode=False)
     raw = dict(raws[0], **{"audio.npy": npy_bytes(np.full((4, 3), np.nan, np.float16))})
-    validate.decode_sample(raw, manifest, index.path, modalities=("video",))  # NaN in an array it does not load
+    shard_format.decode_sample(raw, manifest, index.path, modalities=("video",))  # NaN in an array it does not load
     with pytest.raises(DataError, match="12 NaN"):
-        validate.decode_sample(raw, manifest, index.path)
+        shard_format.decode_sample(raw, manifest, index.path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers_data import NUM_CLASSES, edit_member, first_key, npy_bytes, read_tar, write_dataset, write_tar
-from srcid.data import validate
+from srcid.data import shard_format
 from srcid.data.reader import ShardLoader
 from srcid.errors import DataError, SrcidError
 
@@ -134,8 +134,8 @@ def test_resume_at_start_step_yields_the_remaining_batches(dataset, num_workers)
 def test_resume_does_not_decode_skipped_batches(dataset, monkeypatch):
     folder, _ = dataset
     calls = []
-    real = validate.decode_sample
-    monkeypatch.setattr(validate, "decode_sample", lambda raw, *a, **kw: calls.append(raw["__key__"]) or real(raw, *a, **kw))
+    real = shard_format.decode_sample
+    monkeypatch.setattr(shard_format, "decode_sample", lambda raw, *a, **kw: calls.append(raw["__key__"]) or real(raw, *a, **kw))
     _, rest = read_epoch(folder, epoch=1, start_step=6, batch_size=4)
     assert sorted(calls) == sorted(keys_of(rest))
     assert len(calls) == N - 6 * 4
@@ -226,7 +226,7 @@ def test_skip_bad_reads_around_a_truncated_shard(dataset, tmp_path):
     folder = tmp_path / "cut"
     shutil.copytree(dataset[0], folder)
     shard = folder / "train-000002.tar"
-    spans = validate.index_shard(shard).samples
+    spans = shard_format.index_shard(shard).samples
     shard.write_bytes(shard.read_bytes()[: spans[3].start + 700])  # three whole samples, then a cut
     with pytest.raises(DataError, match="train-000002.tar"):
         ShardLoader(folder, "train", batch_size=4)
@@ -271,12 +271,12 @@ def test_shard_index_is_cached_until_the_file_changes(dataset, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(dataset[0], folder)
     shard = folder / "train-000000.tar"
-    first = validate.index_shard(shard)
-    assert validate.index_shard(shard) is first
+    first = shard_format.index_shard(shard)
+    assert shard_format.index_shard(shard) is first
     assert [s.key for s in first.samples] == sorted(dataset[1])[:7]
     key = first.samples[0].key
     edit_member(shard, key, "meta.json", lambda data: None)
-    second = validate.index_shard(shard)
+    second = shard_format.index_shard(shard)
     assert second is not first and len(second) == 7
 
 

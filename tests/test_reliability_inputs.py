@@ -22,7 +22,7 @@ import pytest
 
 import srcid.cli
 from helpers_data import read_tar, write_dataset
-from srcid.data import validate
+from srcid.data import check, shard_format
 from srcid.data.manifest import load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.errors import DataError, SrcidError
@@ -31,7 +31,7 @@ from helpers_training import train_in_process as _train
 REPO = Path(__file__).resolve().parents[1]
 MODS = {"audio": ([4, 3], "float16"), "video": ([4, 5, 5, 3], "float32"), "text": ([None, 5], "float16")}
 HUGE = 5 << 30  # 5 GiB: more than 32 bits, less than a ustar header's 8 GiB
-VIDEO_CAP = 4 * 5 * 5 * 3 * 4 + validate.NPY_HEADER_ALLOWANCE
+VIDEO_CAP = 4 * 5 * 5 * 3 * 4 + shard_format.NPY_HEADER_ALLOWANCE
 
 
 def write_tar_claiming(path, members, claims, *, stop_after=None):
@@ -79,7 +79,7 @@ def dataset(tmp_path):
 def reads(monkeypatch):
     """The size of every read of shard bytes: tarfile's (headers, while indexing) and the sample reader's."""
     sizes = []
-    header_read, pread = validate._HeaderReads.read, os.pread
+    header_read, pread = shard_format._HeaderReads.read, os.pread
 
     def spy_header(self, size=-1):
         data = header_read(self, size)
@@ -91,7 +91,7 @@ def reads(monkeypatch):
         sizes.append(len(data))
         return data
 
-    monkeypatch.setattr(validate._HeaderReads, "read", spy_header)
+    monkeypatch.setattr(shard_format._HeaderReads, "read", spy_header)
     monkeypatch.setattr(os, "pread", spy_pread)
     return sizes
 
@@ -126,7 +126,7 @@ def test_a_huge_member_is_refused_by_its_header_by_check_and_reader(dataset, rea
     assert str(caught.value) == line.removeprefix("srcid: error: ")
     assert max(reads) <= tarfile.BLOCKSIZE and time.monotonic() - started < 20  # tar headers only
     # --skip-bad: the sample before it is read, the rest of the shard is counted as lost
-    report = validate.check_path(dataset, skip_bad=True)[0]
+    report = check.check_path(dataset, skip_bad=True)[0]
     assert (report.samples, report.skipped) == (7, 2) and "member video.npy" in report.reasons[0]
 
 
@@ -142,16 +142,16 @@ def test_a_header_that_lies_about_its_size_is_named_not_called_truncated(dataset
 
 def test_text_is_capped_by_the_manifests_max_steps_or_a_default(dataset):
     manifest = load_manifest(dataset)
-    limits = {member: limit for member, limit, _ in validate.member_size_limits(manifest)}
-    assert limits["text.npy"] == validate.DEFAULT_MAX_STEPS * 5 * 2 + validate.NPY_HEADER_ALLOWANCE
-    assert limits["meta.json"] == limits["*"] == validate.OTHER_MEMBER_MAX_BYTES
+    limits = {member: limit for member, limit, _ in shard_format.member_size_limits(manifest)}
+    assert limits["text.npy"] == shard_format.DEFAULT_MAX_STEPS * 5 * 2 + shard_format.NPY_HEADER_ALLOWANCE
+    assert limits["meta.json"] == limits["*"] == shard_format.OTHER_MEMBER_MAX_BYTES
     path = dataset / "dataset.json"
     data = json.loads(path.read_text())
     data["modalities"]["text"]["max_steps"] = 6  # the clips hold 1..6 tokens
     path.write_text(json.dumps(data))
-    assert validate.check_path(dataset)[0].samples == 9
+    assert check.check_path(dataset)[0].samples == 9
     shard = dataset / "train-000000.tar"
-    key = _second_sample_claims(shard, "text.npy", 6 * 5 * 2 + validate.NPY_HEADER_ALLOWANCE + 1)
+    key = _second_sample_claims(shard, "text.npy", 6 * 5 * 2 + shard_format.NPY_HEADER_ALLOWANCE + 1)
     with pytest.raises(DataError, match=f"key {key}, member text.npy: .* bytes the manifest allows "
                                         r"\(shape \[null, 5\] float16 \(max_steps 6\)"):
         ShardLoader(dataset, "train", batch_size=2)
@@ -164,11 +164,11 @@ def test_more_steps_than_max_steps_within_the_header_allowance_is_an_error(tmp_p
     data = json.loads(path.read_text())
     data["modalities"]["text"]["max_steps"] = 1
     path.write_text(json.dumps(data))
-    index = validate.index_shard(folder / "train-000000.tar")
-    raws = list(validate.read_raw_samples(index, index.samples))
-    long = next(raw for raw in raws if validate._npy_header(raw["text.npy"])[0][0] > 1)
+    index = shard_format.index_shard(folder / "train-000000.tar")
+    raws = list(shard_format.read_raw_samples(index, index.samples))
+    long = next(raw for raw in raws if shard_format._npy_header(raw["text.npy"])[0][0] > 1)
     with pytest.raises(DataError, match="more than the manifest's max_steps 1"):
-        validate.decode_sample(long, load_manifest(folder), "shard")
+        shard_format.decode_sample(long, load_manifest(folder), "shard")
 
 
 def test_a_huge_tar_header_extension_is_not_read(dataset, reads):
@@ -182,7 +182,7 @@ def test_a_huge_tar_header_extension_is_not_read(dataset, reads):
     code, _, err = run_cli("data", "check", dataset)
     line = one_line(err)
     assert code == 1 and f"shard {shard}" in line and f"a tar header extension (pax or GNU long name) of" in line
-    assert max(reads) <= validate.TAR_EXTENSION_MAX_BYTES
+    assert max(reads) <= shard_format.TAR_EXTENSION_MAX_BYTES
 
 
 # ------------------------------------------------------------------------------------------- keys

@@ -18,7 +18,7 @@ def _synth(args) -> int:
 
 
 def _check(args) -> int:
-    from srcid.data.validate import check_path
+    from srcid.data.check import check_path
 
     reports = check_path(args.path, skip_bad=args.skip_bad, workers=args.workers)
     for report in reports:

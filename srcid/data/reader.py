@@ -5,9 +5,9 @@ once across ranks and data-loader workers and every rank runs the same number
 of steps:
 
 1. The shards' tar headers give each shard's samples and their byte ranges
-   (:func:`srcid.data.validate.index_shard`, cached per path and mtime). A
+   (:func:`srcid.data.shard_format.index_shard`, cached per path and mtime). A
    member larger than the manifest allows (its tar header's size against
-   :func:`srcid.data.validate.member_size_limits`) or a key that is a path
+   :func:`srcid.data.shard_format.member_size_limits`) or a key that is a path
    (``../x``, ``/x``) is refused there, before any byte of it is read.
 2. A permutation of the shards, seeded by ``(seed, epoch)``, defines a global
    order of the split's N samples (shard after shard).
@@ -31,7 +31,7 @@ of steps:
 6. Batch ``k`` of the epoch goes to data-loader worker ``k mod num_workers``.
    A worker reads its batches' samples by seeking to their byte ranges and
    expanding them with WebDataset's tar iterators, validates each sample
-   (:func:`srcid.data.validate.decode_sample`, the checks of
+   (:func:`srcid.data.shard_format.decode_sample`, the checks of
    ``srcid data check``) and collates the batch. The DataLoader returns the
    workers' outputs round-robin, i.e. in step order.
 
@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from srcid.data import validate
+from srcid.data import shard_format
 from srcid.data.batch import Batch
 from srcid.data.manifest import Manifest, load_manifest
 from srcid.errors import DataError, SrcidError
@@ -132,11 +132,11 @@ class _EpochSteps(IterableDataset):
             picks.sort()
             index = self.shards[shard]
             positions = iter(pos for _, pos in picks)
-            for raw in validate.read_raw_samples(index, [index.samples[n] for n, _ in picks]):
+            for raw in shard_format.read_raw_samples(index, [index.samples[n] for n, _ in picks]):
                 pos = next(positions)
                 try:
-                    samples[pos] = validate.decode_sample(raw, self.manifest, index.path, carried=self.carried,
-                                                          modalities=self.modalities)
+                    samples[pos] = shard_format.decode_sample(raw, self.manifest, index.path, carried=self.carried,
+                                                              modalities=self.modalities)
                 except DataError as exc:
                     if not self.skip_bad:
                         raise
@@ -151,7 +151,7 @@ class ShardLoader:
     """Batches of one split for rank ``rank`` of ``world_size`` (see the module docstring).
 
     ``modalities`` restricts what is decoded (default: all the split's
-    samples carry, see :func:`srcid.data.validate.split_modalities`). ``skipped`` and ``skip_reasons`` tell what the last
+    samples carry, see :func:`srcid.data.shard_format.split_modalities`). ``skipped`` and ``skip_reasons`` tell what the last
     :meth:`epoch` left out (only with ``skip_bad``).
     """
 
@@ -174,8 +174,8 @@ class ShardLoader:
         if total // world_size < (batch_size if tail == "drop" else 1):
             need = f"world_size x batch_size = {world_size * batch_size}" if tail == "drop" else f"world_size = {world_size}"
             raise SrcidError(f"split {split!r} of {self.manifest.name} has {total} samples, fewer than {need}")
-        validate.check_shard_files(self.manifest, split)
-        self.split_index = validate.index_split(self.manifest, split, skip_bad=skip_bad)
+        shard_format.check_shard_files(self.manifest, split)
+        self.split_index = shard_format.index_split(self.manifest, split, skip_bad=skip_bad)
         carried = self.split_index.modalities
         modalities = carried if modalities is None else tuple(modalities)
         if not modalities or any(m not in carried for m in modalities):
@@ -275,7 +275,7 @@ class ShardLoader:
             expected += 1
             self.skipped += len(skipped)
             for reason in skipped:
-                if len(self.skip_reasons) < validate.MAX_REASONS and reason not in self.skip_reasons:
+                if len(self.skip_reasons) < shard_format.MAX_REASONS and reason not in self.skip_reasons:
                     self.skip_reasons.append(reason)
             yield batch
         if self.skipped:

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from srcid.data import validate
+from srcid.data import shard_format
 from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
@@ -146,20 +146,20 @@ def scan_split(folder, split: str, *, needed_by: str) -> SplitScan:
     manifest = load_manifest(folder)
     if split not in manifest.splits:
         raise SrcidError(f"{folder}: no split {split!r}, which {needed_by} needs (splits: {', '.join(manifest.splits)})")
-    validate.check_shard_files(manifest, split)
-    index = validate.index_split(manifest, split)
+    shard_format.check_shard_files(manifest, split)
+    index = shard_format.index_split(manifest, split)
     keys, metas, carried = [], {}, {}
     for shard in index.shards:
-        for raw in validate.read_raw_samples(shard, shard.samples):
+        for raw in shard_format.read_raw_samples(shard, shard.samples):
             key = raw["__key__"]
-            if validate.META_MEMBER not in raw:
-                raise DataError("missing; every clip holds a meta.json", shard=shard.path, key=key, member=validate.META_MEMBER)
+            if shard_format.META_MEMBER not in raw:
+                raise DataError("missing; every clip holds a meta.json", shard=shard.path, key=key, member=shard_format.META_MEMBER)
             try:
-                meta = json.loads(raw[validate.META_MEMBER])
+                meta = json.loads(raw[shard_format.META_MEMBER])
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(f"not valid JSON ({exc})", shard=shard.path, key=key, member=validate.META_MEMBER) from None
+                raise DataError(f"not valid JSON ({exc})", shard=shard.path, key=key, member=shard_format.META_MEMBER) from None
             if not isinstance(meta, dict):
-                raise DataError("must be a JSON object", shard=shard.path, key=key, member=validate.META_MEMBER)
+                raise DataError("must be a JSON object", shard=shard.path, key=key, member=shard_format.META_MEMBER)
             keys.append(key)
             metas[key] = meta
             carried[key] = tuple(m for m in manifest.modalities if f"{m}.npy" in raw)
