@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
@@ -64,8 +63,3 @@ class Batch:
         """The same clips with only the given modalities."""
         keep = lambda d: {k: v for k, v in d.items() if k in modalities}  # noqa: E731
         return dataclasses.replace(self, features=keep(self.features), masks=keep(self.masks), segments=keep(self.segments))
-
-
-def caption_of(meta: dict) -> Optional[str]:
-    caption = meta.get("caption")
-    return caption if isinstance(caption, str) else None
