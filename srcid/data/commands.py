@@ -4,11 +4,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from srcid.data.check import check_path
+from srcid.data.importers import LAYOUTS, run_importer
+from srcid.data.synth import check_out_folder, synthesize
+from srcid.errors import check_writable_folder
+
 
 def _synth(args) -> int:
-    from srcid.data.synth import check_out_folder, synthesize
-    from srcid.errors import check_writable_folder
-
     check_out_folder(args.out, args.overwrite)  # a folder that is not empty is refused without --overwrite
     check_writable_folder(args.out, "--out")  # before any clip is rendered
     written = synthesize(args.preset, args.out, seed=args.seed, style=args.style, overwrite=args.overwrite)
@@ -18,8 +20,6 @@ def _synth(args) -> int:
 
 
 def _check(args) -> int:
-    from srcid.data.check import check_path
-
     reports = check_path(args.path, skip_bad=args.skip_bad, workers=args.workers)
     for report in reports:
         for warning in report.warnings:
@@ -29,8 +29,6 @@ def _check(args) -> int:
 
 
 def _import(args) -> int:
-    from srcid.data.importers import run_importer
-
     manifest_paths = run_importer(args.layout, args.src, args.out, max_samples_per_shard=args.shard_size,
                                   overwrite=args.overwrite)
     for path in manifest_paths:
@@ -61,8 +59,6 @@ def register(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip bad samples instead of failing, and report how many")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0 = read in this process)")
     p.set_defaults(func=_check)
-
-    from srcid.data.importers import LAYOUTS
 
     p = data_sub.add_parser("import", help="convert an original feature layout into feature shards")
     p.add_argument("layout", choices=sorted(LAYOUTS))

@@ -38,8 +38,11 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+
+from srcid.model.encoders import VectorSpecificEncoder
 
 # a specific-output dimension counts as live when its std over clips and steps exceeds this fraction of the
 # spread of the layer's reconstruction target (the mean per-feature std, ``target_std``)
@@ -219,8 +222,6 @@ def hidden_relu_module(encoder: nn.Module) -> Optional[nn.Module]:
     that ReLU; a video encoder without a head (``video_specific="map"``): its residual stack, whose ReLU'd
     channels y pools. ``None`` for anything else.
     """
-    from srcid.model.encoders import VectorSpecificEncoder
-
     if isinstance(encoder, VectorSpecificEncoder) and isinstance(getattr(encoder, "linear", None), nn.Linear):
         return encoder.linear
     head = getattr(encoder, "head", None)
@@ -357,7 +358,7 @@ def plot_code_usage(stats: list, path, title: Optional[str] = None) -> Path:
     unused part of the codebook is the empty space on the right. Each title gives the distinct codes, the codebook
     size and the perplexity.
     """
-    import numpy as np
+    # matplotlib is imported here, not at module top: only the --plot output needs it, and it is slow to import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
