@@ -82,6 +82,15 @@ class Preset:
     splits: dict  # dataset -> {split: clips}
     shard_size: int
 
+    def modality_shapes(self) -> dict:
+        """Each modality's per-clip shape and dtype as the manifests declare them: ``{m: ([T, ...], dtype)}``."""
+        g = self.video_grid
+        return {
+            "audio": ([T, self.audio_dim], self.dtype),
+            "video": ([T, g, g, self.video_dim], self.dtype),
+            "text": ([None, self.text_dim], self.dtype),
+        }
+
 
 PRESETS = {
     "tiny": Preset(
@@ -527,15 +536,6 @@ def _dataset_specs(world: World) -> dict:
     }
 
 
-def _shapes(preset: Preset) -> dict:
-    g = preset.video_grid
-    return {
-        "audio": ([T, preset.audio_dim], preset.dtype),
-        "video": ([T, g, g, preset.video_dim], preset.dtype),
-        "text": ([None, preset.text_dim], preset.dtype),
-    }
-
-
 def _meta(plan: Plan, rendered: dict, source: str) -> dict:
     meta = {"label": plan.label, "segments": {m: segment_labels(plan, m) for m in plan.modalities if m != "text"}}
     if "caption" in rendered:
@@ -548,7 +548,7 @@ def write_dataset(world: World, name: str, out, progress=None) -> Path:
     """Render one dataset folder of the world; returns the path of its manifest."""
     preset, seed = world.preset, world.seed
     modalities, tasks, split_plans = _dataset_specs(world)[name]
-    shapes = _shapes(preset)
+    shapes = preset.modality_shapes()
     classes = [world.class_names[i] for i in world.subsets[name]]
     source = f"synth:{preset.name}:seed={seed}"
     manifest_name = f"synthetic-{name}"
