@@ -11,16 +11,16 @@ import pytest
 import torch
 
 import srcid.cli
+from helpers_model import TINY_SHAPES, tiny_model
 from helpers_training import train_for_steps
 from srcid.data.manifest import load_manifest
 from srcid.data.reader import ShardLoader
 from srcid.data.shards import DatasetWriter
 from srcid.eval.features import CODES_INFO, scan_split
-from srcid.model import build_model, build_model_from_manifest, model_config
+from srcid.model import build_model_from_manifest, model_config
 from srcid.model.export import export_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}  # the synthetic tiny preset's
 RUN_CLI = "import sys, srcid.cli as c\nsys.exit(c.main())"
 TRAIN_STEPS = 30
 
@@ -167,7 +167,7 @@ def test_encode_writes_codes_and_keeps_meta(run_dir, synth_dir, cli, capsys, tmp
 
 def write_folder(folder, clips_by_split, *, modalities=("audio", "video"), classes=("c0", "c1", "c2"), shapes=None):
     """A small task folder: ``clips_by_split[split]`` lists ``(carried modalities, label, segment class or None)``."""
-    shapes = dict(SHAPES, **(shapes or {}))
+    shapes = dict(TINY_SHAPES, **(shapes or {}))
     rng = np.random.default_rng(0)
     with DatasetWriter(folder, name=Path(folder).name, modalities={m: (list(shapes[m]), "float32") for m in modalities},
                        classes=list(classes), tasks=["classification"]) as writer:
@@ -193,9 +193,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     paths = {}
     for variant in ("srcid", "dcid"):
-        torch.manual_seed(0)
-        model = build_model(variant, model_config("tiny"), SHAPES)
-        paths[variant] = export_model(model, variant=variant, config=model.config, input_shapes=SHAPES,
+        model = tiny_model(variant)
+        paths[variant] = export_model(model, variant=variant, config=model.config, input_shapes=TINY_SHAPES,
                                       path=folder / variant / "model.safetensors", extra={"step": 0})
     return paths
 

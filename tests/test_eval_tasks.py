@@ -5,22 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_model import tiny_model
 from srcid.errors import SrcidError
 from srcid.eval.features import FeatureEncoder, SplitFeatures, parse_layers, scan_split
 from srcid.eval.probe import evaluate_classification, train_head
 from srcid.eval.tasks import (EvalSettings, Probe, RetrievalSet, cosine_similarity, expand_tasks, item_groups,
                               localization_targets, method_name, result_tables, run_probe, run_retrieval)
-from srcid.model import build_model, model_config
-
-SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(variant="srcid"):
-    torch.manual_seed(0)
-    return build_model(variant, model_config("tiny"), SHAPES).eval()
 
 
 def hand_features(x, mask, *, modality="audio", digests=None, sources=None):
@@ -148,7 +140,7 @@ def test_localization_targets_add_a_background_column():
 
 
 def test_layer_choice_sets_the_feature_size(synth_dir):
-    model = tiny()
+    model = tiny_model().eval()
     scan = scan_split(synth_dir / "retrieval", "test", needed_by="test")
     one = FeatureEncoder(model, (1,), batch_size=32).split(scan, "text")
     both = FeatureEncoder(model, (1, 2), batch_size=32).split(scan, "text")
@@ -170,7 +162,7 @@ def test_layer_choice_sets_the_feature_size(synth_dir):
 def test_features_match_the_model_and_the_labels(synth_dir):
     from srcid.data.reader import ShardLoader
 
-    model = tiny()
+    model = tiny_model().eval()
     scan = scan_split(synth_dir / "ucf_vgg", "ucf_train", needed_by="test")
     assert scan.modalities() == ("video",)
     assert FeatureEncoder(model, (1,)).split(scan, "video").digests == []
@@ -188,7 +180,7 @@ def test_features_match_the_model_and_the_labels(synth_dir):
 
 
 def test_parse_layers():
-    two, one = tiny("srcid"), tiny("dcid")
+    two, one = tiny_model("srcid").eval(), tiny_model("dcid").eval()
     assert parse_layers(None, two) == (1, 2) and parse_layers(None, one) == (1,)
     assert parse_layers("1", two) == (1,) and parse_layers("1, 2", two) == (1, 2)
     with pytest.raises(SrcidError, match="has 1 layer; use --layers 1"):

@@ -10,25 +10,19 @@ import torch
 
 import srcid.cli
 import srcid.eval.tasks as tasks_module
+from helpers_model import TINY_SHAPES, tiny_model
 from srcid.data.shards import DatasetWriter
 from srcid.errors import SrcidError
 from srcid.eval.features import FeatureEncoder, SplitFeatures, scan_split
 from srcid.eval.tasks import (PROTOCOLS, TASKS, VAL_FIT, VAL_HELD_OUT, VAL_HELD_OUT_EVERY, EvalSettings, TaskData,
                               evaluate, prepare, result_tables, val_part)
-from srcid.model import build_model, model_config
 from srcid.model.export import export_model
 
-SHAPES = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}  # the synthetic tiny preset's
 TEST_SPLITS = {"ave": ("test",), "avvp": ("test",), "ave_avvp": ("test",), "ucf_vgg": ("ucf_test", "vgg_test")}
 TRAIN_SPLIT_OF = {"test": "train", "ucf_test": "ucf_train", "vgg_test": "vgg_train"}
 AV_TASKS = ("ave", "avvp", "ave-avvp", "ucf-vgg")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model("srcid", model_config("tiny"), SHAPES).eval()
 
 
 def settings(protocol="val"):
@@ -37,7 +31,7 @@ def settings(protocol="val"):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return FeatureEncoder(tiny_model(), (1, 2), batch_size=64)
+    return FeatureEncoder(tiny_model().eval(), (1, 2), batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +160,8 @@ def test_retrieval_under_val_is_skipped_without_pretrain_val(no_test_data, encod
 
     # through the command line: the note is printed, the tables leave retrieval out, the file name says val
     run = tmp_path / "run"
-    model = tiny_model()
-    export_model(model, variant="srcid", config=model.config, input_shapes=SHAPES, path=run / "model.safetensors",
+    model = tiny_model().eval()
+    export_model(model, variant="srcid", config=model.config, input_shapes=TINY_SHAPES, path=run / "model.safetensors",
                  extra={"step": 0})
     assert srcid.cli.main(["eval", "--run", str(run), "--data", str(data), "--task", "retrieval", "--protocol", "val",
                            "--seeds", "1", "--device", "cpu"]) == 0
@@ -190,11 +184,12 @@ def keys_in(part, count, prefix="clip"):
 def write_av(folder, clips_by_split, classes=("c0", "c1", "c2")):
     """A task folder of audio-video clips: ``clips_by_split[split]`` lists ``(key, label, segment class)``."""
     rng = np.random.default_rng(0)
-    with DatasetWriter(folder, name=Path(folder).name, modalities={m: (list(SHAPES[m]), "float32") for m in ("audio", "video")},
-                       classes=list(classes), tasks=["classification"]) as writer:
+    modalities = {m: (list(TINY_SHAPES[m]), "float32") for m in ("audio", "video")}
+    with DatasetWriter(folder, name=Path(folder).name, modalities=modalities, classes=list(classes),
+                       tasks=["classification"]) as writer:
         for split, clips in clips_by_split.items():
             for key, label, segment in clips:
-                features = {m: rng.standard_normal(SHAPES[m]).astype(np.float32) for m in ("audio", "video")}
+                features = {m: rng.standard_normal(TINY_SHAPES[m]).astype(np.float32) for m in ("audio", "video")}
                 writer.write(split, key, features, {"label": label, "segments": {m: [[segment]] * 10 for m in ("audio", "video")}})
 
 

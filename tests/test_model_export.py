@@ -5,48 +5,30 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers_model import SMALL_SHAPES, random_batch, tiny_model
 from srcid import __version__
 from srcid.config import to_dict
-from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import build_mi_fitter, build_model, model_config
 from srcid.model.export import _sha256, export_model, load_model, read_sidecar, sidecar_path
 from srcid.train.step import build_optimizer, train_step
 
-SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model(variant="srcid", seed=0):
-    torch.manual_seed(seed)
-    return build_model(variant, model_config("tiny"), SHAPES)
-
-
-def random_batch(n, generator):
-    lengths = torch.randint(1, 13, (n,), generator=generator)  # ragged text, some longer than T = 10
-    steps = int(lengths.max())
-    text = torch.randn(n, steps, 7, generator=generator)
-    mask = torch.arange(steps)[None, :] < lengths[:, None]
-    features = {"audio": torch.randn(n, 10, 6, generator=generator), "video": torch.randn(n, 10, 5, 5, 4, generator=generator),
-                "text": text * mask[..., None]}
-    masks = {"audio": torch.ones(n, 10, dtype=torch.bool), "video": torch.ones(n, 10, dtype=torch.bool), "text": mask}
-    return Batch(keys=[f"k{i}" for i in range(n)], features=features, masks=masks, labels=torch.full((n,), -1))
 
 
 def trained(variant):
     """A tiny model after two training steps, so codebooks and EMA buffers are no longer their initial values."""
-    model = tiny_model(variant)
+    model = tiny_model(variant, SMALL_SHAPES)
     fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
     generator = torch.Generator().manual_seed(1)
     for _ in range(2):
-        train_step(model, fitter, optimizer, random_batch(8, generator), layer2_weight=1.0)
+        batch = random_batch(SMALL_SHAPES, 8, generator=generator, words=12)  # ragged text, some longer than T = 10
+        train_step(model, fitter, optimizer, batch, layer2_weight=1.0)
     return model
 
 
 def export(model, path, variant=None, **extra):
-    return export_model(model, variant=variant or model.variant, config=model.config, input_shapes=SHAPES, path=path,
+    return export_model(model, variant=variant or model.variant, config=model.config, input_shapes=SMALL_SHAPES, path=path,
                         extra=extra or {"step": 2})
 
 
@@ -63,7 +45,7 @@ def test_round_trip_gives_identical_encodings(tmp_path, variant):
     for key, value in original.items():
         assert torch.equal(restored[key], value), key
     generator = torch.Generator().manual_seed(5)
-    batch = random_batch(7, generator)
+    batch = random_batch(SMALL_SHAPES, 7, generator=generator, words=12)
     layers = tuple(range(1, len(model.layers) + 1))
     for m in ("audio", "video", "text"):
         mask = batch.masks[m] if m == "text" else None
@@ -109,7 +91,7 @@ def rewrite_sidecar(path, change):
 def test_missing_files_and_bad_names(tmp_path):
     one_line_error(lambda: load_model(tmp_path / "none.safetensors"), "none.safetensors", "no such model file")
     one_line_error(lambda: load_model(tmp_path / "model.pt"), "model.pt", ".safetensors")
-    path = export(tiny_model(), tmp_path / "model.safetensors")
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors")
     sidecar_path(path).unlink()
     one_line_error(lambda: load_model(path), "model.json", "missing")
     sidecar_path(path).write_text("{not json")
@@ -126,13 +108,13 @@ def test_missing_files_and_bad_names(tmp_path):
     (lambda info: info.update(format="other"), ("model.json", "key format")),
 ])
 def test_sidecar_that_does_not_describe_a_model(tmp_path, change, needles):
-    path = export(tiny_model(), tmp_path / "model.safetensors")
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors")
     rewrite_sidecar(path, change)
     one_line_error(lambda: load_model(path), *needles)
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):
-    path = export(tiny_model(), tmp_path / "model.safetensors")
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors")
 
     # another config (hidden 32 instead of 16): the JSON now promises other shapes than the file holds
     def wider(info):
@@ -142,8 +124,8 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     one_line_error(lambda: load_model(path), "model.safetensors", "key ", "does not fit the config", "expected")
 
     # weights of another export
-    path = export(tiny_model(), tmp_path / "model.safetensors")
-    other = export(tiny_model(seed=3), tmp_path / "other.safetensors")
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors")
+    other = export(tiny_model("srcid", SMALL_SHAPES, init_seed=3), tmp_path / "other.safetensors")
     path.write_bytes(other.read_bytes())
     message = one_line_error(lambda: load_model(path), "model.json", "key weights_sha256")
     assert "different exports" in message
@@ -155,7 +137,7 @@ def write_tensors(path, tensors):
 
 
 def test_missing_extra_and_mistyped_tensors(tmp_path):
-    path = export(tiny_model(), tmp_path / "model.safetensors")
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors")
     tensors = load_file(str(path))
     key = next(k for k in tensors if k.endswith("codebook"))
 
@@ -181,14 +163,14 @@ def test_missing_extra_and_mistyped_tensors(tmp_path):
 
 
 def test_export_rejects_a_mislabelled_model(tmp_path):
-    model = tiny_model("dcid")
+    model = tiny_model("dcid", SMALL_SHAPES)
     one_line_error(lambda: export(model, tmp_path / "model.safetensors", variant="srcid"), "dcid", "srcid")
     one_line_error(lambda: export(model, tmp_path / "model.bin"), ".safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_read_sidecar_and_device(tmp_path):
-    path = export(tiny_model(), tmp_path / "model.safetensors", step=3)
+    path = export(tiny_model("srcid", SMALL_SHAPES), tmp_path / "model.safetensors", step=3)
     assert read_sidecar(path)["extra"]["step"] == 3
     if not torch.cuda.is_available():
         one_line_error(lambda: load_model(path, device="cuda"), "CUDA")
@@ -207,7 +189,7 @@ def test_a_sidecar_saved_before_later_keys_loads_with_the_behaviour_it_had(tmp_p
             node = getattr(node, part)
         setattr(node, leaf, value)
     torch.manual_seed(0)
-    model = build_model("srcid", config, SHAPES)
+    model = build_model("srcid", config, SMALL_SHAPES)
     model.eval()
     path = export(model, tmp_path / "model.safetensors")
 
@@ -224,7 +206,7 @@ def test_a_sidecar_saved_before_later_keys_loads_with_the_behaviour_it_had(tmp_p
     loaded, _ = load_model(path)
     assert to_dict(loaded.config) == to_dict(model.config)
     assert loaded.config.text_target == "lstm" and loaded.config.video_specific == "head"
-    batch = random_batch(4, torch.Generator().manual_seed(3))
+    batch = random_batch(SMALL_SHAPES, 4, seed=3, words=12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).layers[1].quantized["audio"], model(batch).layers[1].quantized["audio"])
 
@@ -233,16 +215,17 @@ def test_round_trip_with_centred_layer2_keeps_the_running_mean(tmp_path):
     config = model_config("tiny")
     config.layer2_center = True
     torch.manual_seed(0)
-    model = build_model("srcid", config, SHAPES)
+    model = build_model("srcid", config, SMALL_SHAPES)
     fitter, optimizer = build_mi_fitter(model), build_optimizer(model)
     generator = torch.Generator().manual_seed(1)
     for _ in range(2):
-        train_step(model, fitter, optimizer, random_batch(8, generator), layer2_weight=1.0)
+        batch = random_batch(SMALL_SHAPES, 8, generator=generator, words=12)
+        train_step(model, fitter, optimizer, batch, layer2_weight=1.0)
     model.eval()
     path = export(model, tmp_path / "model.safetensors")
     loaded, _ = load_model(path)
     assert loaded.config.layer2_center and loaded.layers[1].centre.ready.item() == 1.0
     assert torch.equal(loaded.layers[1].centre.running_mean, model.layers[1].centre.running_mean)
-    batch = random_batch(4, torch.Generator().manual_seed(3))
+    batch = random_batch(SMALL_SHAPES, 4, seed=3, words=12)
     with torch.no_grad():
         assert torch.equal(loaded(batch).layers[1].indices["video"], model(batch).layers[1].indices["video"])

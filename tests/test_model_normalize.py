@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers_model import SMALL_SHAPES
 from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import build_model, model_config
 from srcid.model.export import export_model, load_model
 from srcid.model.normalize import STD_FLOOR, InputMoments, InputNormalizer, fit_moments
 
-SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +108,7 @@ def tiny(seed=0, **config):
     cfg = model_config("tiny")
     for key, value in config.items():
         setattr(cfg, key, value)
-    return build_model("srcid", cfg, SHAPES)
+    return build_model("srcid", cfg, SMALL_SHAPES)
 
 
 def test_the_model_encodes_raw_features_as_an_unfitted_twin_encodes_standardised_ones():
@@ -141,7 +141,7 @@ def test_export_carries_the_statistics_and_an_old_state_loads_as_the_identity(tm
     gen = torch.Generator().manual_seed(9)
     model = tiny()
     model.fit_input_stats([raw_batch(8, gen)])
-    path = export_model(model, variant="srcid", config=model.config, input_shapes=SHAPES, path=tmp_path / "m.safetensors")
+    path = export_model(model, variant="srcid", config=model.config, input_shapes=SMALL_SHAPES, path=tmp_path / "m.safetensors")
     loaded, _ = load_model(path)
     assert loaded.normalizer.is_fitted
     torch.testing.assert_close(loaded.normalizer.mean_audio, model.normalizer.mean_audio, rtol=0, atol=0)

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
+from helpers_model import SMALL_SHAPES
 from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import build_model, model_config
 from srcid.model.inputs import fit_steps
 from srcid.model.losses import reconstruction_loss
 
-SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,7 +18,7 @@ def model(**settings):
     config = model_config("tiny")
     for key, value in settings.items():
         setattr(config, key, value)
-    return build_model("srcid", config, SHAPES)
+    return build_model("srcid", config, SMALL_SHAPES)
 
 
 def batch(n=5, seed=0):
@@ -178,9 +178,9 @@ def test_calibrate_centres_sets_the_plain_mean_under_the_current_weights():
     codebooks = {k: v.clone() for k, v in m.state_dict().items() if "centre" not in k}
     batches = [batch(seed=10), batch(n=4, seed=11)]
     # independent reference: layer 2's raw general features in eval mode, averaged in float64 over real steps
-    raw = {mod: [] for mod in SHAPES}
+    raw = {mod: [] for mod in SMALL_SHAPES}
     hooks = [m.layers[1].general[mod].register_forward_hook(
-        lambda module, args, out, mod=mod: raw[mod].append((out.detach().double(), args[1]))) for mod in SHAPES]
+        lambda module, args, out, mod=mod: raw[mod].append((out.detach().double(), args[1]))) for mod in SMALL_SHAPES]
     m.eval()
     with torch.no_grad():
         for b in batches:

@@ -4,37 +4,12 @@ import math
 import pytest
 import torch
 
+from helpers_model import TINY_SHAPES, random_batch, tiny_model
 from srcid.config import apply_overrides, from_dict, to_dict
-from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import VARIANTS, ModelConfig, build_mi_fitter, build_model, model_config
 from srcid.model.encoders import TextFrontEnd
 from srcid.train.step import build_optimizer, train_step
-
-TINY = {"audio": (10, 16), "video": (10, 5, 5, 24), "text": (None, 32)}
-
-
-def random_batch(shapes=TINY, batch=6, seed=0, words=7):
-    """Random features of the given per-clip shapes; text gets 1..words real tokens, zero-padded."""
-    gen = torch.Generator().manual_seed(seed)
-    features, masks = {}, {}
-    for m, shape in shapes.items():
-        steps = words if shape[0] is None else shape[0]
-        x = torch.randn(batch, steps, *shape[1:], generator=gen)
-        mask = torch.ones(batch, steps, dtype=torch.bool)
-        if shape[0] is None:
-            lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
-            mask = torch.arange(steps)[None] < lengths[:, None]
-            x = x * mask[..., None]
-        features[m], masks[m] = x, mask
-    return Batch(keys=[f"clip{i}" for i in range(batch)], features=features, masks=masks,
-                 labels=torch.zeros(batch, dtype=torch.long))
-
-
-def tiny_model(variant="srcid", shapes=TINY, **overrides):
-    torch.manual_seed(0)
-    config = apply_overrides(model_config("tiny"), [f"{k}={v}" for k, v in overrides.items()])
-    return build_model(variant, config, shapes)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -66,7 +41,7 @@ def test_encode_shapes_and_no_update(variant, layers):
     batch = random_batch(batch=3)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for m in TINY:
+    for m in TINY_SHAPES:
         out = model.encode(batch.features[m], m, mask=batch.masks[m], layers=layers)
         assert len(out.indices) == len(layers) == len(out.quantized)
         for idx, q in zip(out.indices, out.quantized):
@@ -85,7 +60,7 @@ def test_encode_matches_the_forward_pass():
     model.eval()
     batch = random_batch(batch=4)
     out = model(batch)
-    for m in TINY:
+    for m in TINY_SHAPES:
         enc = model.encode(batch.features[m], m, mask=batch.masks[m], layers=(1, 2))
         for k in range(2):
             assert torch.equal(enc.indices[k], out.layers[k].indices[m])
@@ -94,7 +69,7 @@ def test_encode_matches_the_forward_pass():
 
 def test_unknown_variant_lists_the_valid_ones():
     with pytest.raises(SrcidError) as err:
-        build_model("dcid-rvq9", model_config("tiny"), TINY)
+        build_model("dcid-rvq9", model_config("tiny"), TINY_SHAPES)
     assert all(name in str(err.value) for name in VARIANTS)
 
 

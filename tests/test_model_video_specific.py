@@ -2,13 +2,13 @@
 import pytest
 import torch
 
+from helpers_model import SMALL_SHAPES
 from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import build_mi_fitter, build_model, model_config
 from srcid.model.export import export_model, load_model
 from srcid.train.step import build_optimizer, train_step
 
-SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,7 +17,7 @@ def model(mode, variant="srcid"):
     torch.manual_seed(0)
     config = model_config("tiny")
     config.video_specific = mode
-    return build_model(variant, config, SHAPES)
+    return build_model(variant, config, SMALL_SHAPES)
 
 
 def batch(n=6, seed=0):
@@ -72,7 +72,7 @@ def test_map_model_trains_and_round_trips_through_export(tmp_path):
     fitter, optimizer = build_mi_fitter(m), build_optimizer(m)
     for seed in range(2):
         train_step(m, fitter, optimizer, batch(seed=seed), layer2_weight=1.0)
-    path = export_model(m, variant="srcid", config=m.config, input_shapes=SHAPES, path=tmp_path / "m.safetensors")
+    path = export_model(m, variant="srcid", config=m.config, input_shapes=SMALL_SHAPES, path=tmp_path / "m.safetensors")
     loaded, _ = load_model(path)
     assert loaded.config.video_specific == "map" and loaded.layers[0].specific["video"].head is None
     video = batch(seed=5).features["video"]

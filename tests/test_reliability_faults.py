@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import srcid.cli
+from helpers_model import SMALL_SHAPES
 from srcid.errors import SrcidError
 from srcid.train.checkpoint import CHECKPOINTS_DIR, PAUSE_STAGES, TEST_PAUSE_ENV, CheckpointManager, verify_checkpoint
 from srcid.train.distributed import free_port
@@ -253,8 +254,6 @@ def test_killed_while_checkpointing_resumes_from_an_intact_checkpoint_bit_exact(
 
 # ------------------------------------------------------------------------------------------- model.json format_version
 
-SHAPES = {"audio": (10, 6), "video": (10, 5, 5, 4), "text": (None, 7)}
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -262,9 +261,9 @@ def exported(tmp_path_factory):
     from srcid.model.export import export_model
 
     torch.manual_seed(0)
-    model = build_model("srcid", model_config("tiny"), SHAPES)
+    model = build_model("srcid", model_config("tiny"), SMALL_SHAPES)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    return export_model(model, variant="srcid", config=model.config, input_shapes=SHAPES, path=path,
+    return export_model(model, variant="srcid", config=model.config, input_shapes=SMALL_SHAPES, path=path,
                         extra={"step": 0})
 
 
