@@ -320,10 +320,9 @@ def step_fn(path: str, t: StepInputs) -> Callable:
         deterministic = path == "fused-deterministic"
 
         def step():
-            out = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
-                                             deterministic=deterministic)
-            kernels.ema_update_fused_(t.cluster_size, t.embed_sum, t.codebook, out.counts, out.sums,
-                                      decay=DECAY, eps=EPS)
+            _, _, counts, sums = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True,
+                                                            groups=GROUPS, deterministic=deterministic)
+            kernels.ema_update_fused_(t.cluster_size, t.embed_sum, t.codebook, counts, sums, decay=DECAY, eps=EPS)
     elif path == "reference":
 
         def step():
@@ -352,8 +351,8 @@ def step_cost(rows: int, sizes: Sizes):
 def check_nearest_step(t: StepInputs, deterministic: bool) -> str:
     """Fused nearest code + statistics + EMA update against float64 and the reference, on the device."""
     kernels = fused_module()
-    out = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
-                                     deterministic=deterministic)
+    out = ops.NearestCode(*kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
+                                                      deterministic=deterministic))
     x, cb = t.x.double(), t.codebook.double()
     dist = (x * x).sum(1, keepdim=True) + (cb * cb).sum(1)[None] - 2 * x @ cb.t()  # [N, L] float64
     best = dist.min(1).values
@@ -514,7 +513,8 @@ def check_club(mu, logvar, y) -> None:
         return tuple(terms) + torch.autograd.grad(loss, (mu, logvar, y))
 
     names = ("positive", "negative", "loglik", "d mu", "d logvar", "d y")
-    got, want = run(fused_module().club_loglik_fused), run(ops.club_loglik_reference)
+    got = run(lambda *inputs: ops.ClubLoglik(*fused_module().club_loglik_fused(*inputs)))
+    want = run(ops.club_loglik_reference)
     for name, g, w in zip(names, got, want):
         expect_close(f"CLUB {name}", g, w, 1e-4)
 

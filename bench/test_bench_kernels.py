@@ -120,8 +120,9 @@ def test_nearest_code_ema_step(benchmark, path, clips):
         deterministic = path == "fused-deterministic"
 
         def step():
-            out = nearest_code_fused(x, codebook, values=values, stats=True, groups=MODALITIES, deterministic=deterministic)
-            ema_update_fused_(cluster_size, embed_sum, codebook, out.counts, out.sums, decay=DECAY, eps=EPS)
+            _, _, counts, sums = nearest_code_fused(x, codebook, values=values, stats=True, groups=MODALITIES,
+                                                    deterministic=deterministic)
+            ema_update_fused_(cluster_size, embed_sum, codebook, counts, sums, decay=DECAY, eps=EPS)
 
     elif path == "reference":
 

@@ -6,6 +6,8 @@ tests taking ``cuda_device`` run only on a GPU: every autotune config of both
 kernels at the paper's codebook size, and a whole nearest-code + EMA step
 captured in a CUDA graph.
 """
+import functools
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_after_nearest_code_statistics_and_repeated_steps(device):
     state_r = [torch.zeros(codes, device=device), codebook.clone(), codebook.clone()]
     for _ in range(3):
         x = torch.randn(rows, dim, generator=gen).to(device)
-        stats = nearest_code_fused(x, state_r[2], stats=True, groups=3)
+        stats = ops.nearest_code(x, state_r[2], stats=True, groups=3, impl="fused")
         want = ema_float64(*state_f[:2], stats.counts, stats.sums, 0.9, 1e-5)
         ema_update_fused_(*state_f, stats.counts, stats.sums, decay=0.9, eps=1e-5)
         ops.ema_update_reference(*state_r, stats.counts, stats.sums, decay=0.9, eps=1e-5)
@@ -128,14 +130,15 @@ def test_bad_inputs_are_clear_errors(device):
         return torch.zeros(*shape, dtype=dtype, device=device)
 
     size, embed, book = zeros(5), zeros(5, 3), zeros(5, 3)
+    update = functools.partial(ops.ema_update_, decay=0.9, eps=1e-5, impl="fused")
     with pytest.raises(SrcidError, match=r"counts \(4,\) and sums \(4, 3\)"):
-        ema_update_fused_(size, embed, book, zeros(4), zeros(4, 3), decay=0.9, eps=1e-5)
+        update(size, embed, book, zeros(4), zeros(4, 3))
     with pytest.raises(SrcidError, match=r"cluster_size \(6,\)"):
-        ema_update_fused_(zeros(6), embed, book, zeros(5), zeros(5, 3), decay=0.9, eps=1e-5)
+        update(zeros(6), embed, book, zeros(5), zeros(5, 3))
     with pytest.raises(SrcidError, match="counts must be float32"):
-        ema_update_fused_(size, embed, book, zeros(5, dtype=torch.int64), zeros(5, 3), decay=0.9, eps=1e-5)
+        update(size, embed, book, zeros(5, dtype=torch.int64), zeros(5, 3))
     with pytest.raises(SrcidError, match=r"codebook \(5,\)"):
-        ema_update_fused_(size, embed, zeros(5), zeros(5), zeros(5, 3), decay=0.9, eps=1e-5)
+        update(size, embed, zeros(5), zeros(5), zeros(5, 3))
 
 
 # -- compiled kernels only (CUDA) -----------------------------------------------------------------
@@ -173,7 +176,7 @@ def test_cuda_graph_replays_a_nearest_code_and_ema_step_like_eager(deterministic
     state = [t.clone() for t in start]
 
     def step():
-        out = nearest_code_fused(x, state[2], stats=True, groups=3, deterministic=deterministic)
+        out = ops.NearestCode(*nearest_code_fused(x, state[2], stats=True, groups=3, deterministic=deterministic))
         ema_update_fused_(*state, out.counts, out.sums, decay=0.99, eps=1e-5)
         return out
 

@@ -41,6 +41,11 @@ NAN = float("nan")
 ONE_CANDIDATE, TWO_RESCORED, IEEE_SWEEP = 0, 1, 2  # row paths of the tf32x3 kernel
 
 
+def fused(x, codebook, **kwargs) -> ops.NearestCode:
+    """The kernel itself, with its ``deterministic`` and ``precision`` arguments; its tuple named as the op names it."""
+    return ops.NearestCode(*nearest_code_fused(x, codebook, **kwargs))
+
+
 def float64_distances(x, codebook, chunk=128):
     """``||x_i - c_l||^2`` in float64 from the differences (rows in chunks), where the inputs are."""
     x64, cb64 = x.double(), codebook.double()
@@ -128,7 +133,7 @@ def test_matches_brute_force_and_reference(rows, codes, dim, groups, precision, 
     codebook[codes // 2 :] += 6.0  # half the codes sit far away: no row picks them
     values = torch.randn(rows, dim, generator=gen) * 3.0 + 1.0
     x, codebook, values = x.to(device), codebook.to(device), values.to(device)
-    out = nearest_code_fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
+    out = fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
                              precision=precision)
     assert out.indices.device == x.device
     check_against_brute_force(out, x.cpu(), codebook.cpu(), values.cpu(), groups, tie_tol=1e-4)
@@ -153,7 +158,7 @@ def test_ties_go_to_lowest_index(precision, deterministic, device):
     codebook[70] = codebook[3]  # duplicates in a later code tile (tiles of 32)
     codebook[40] = codebook[35]  # duplicate in the same tile
     codebook[64] = codebook[10]  # duplicate at a tile's first position
-    out = nearest_code_fused(x.to(device), codebook.to(device), stats=True, deterministic=deterministic,
+    out = fused(x.to(device), codebook.to(device), stats=True, deterministic=deterministic,
                              precision=precision)
     dist = float64_distances(x, codebook)
     tied_rows = (dist == dist.min(1, keepdim=True).values).sum(1) > 1
@@ -180,7 +185,7 @@ def test_ties_across_code_tile_boundaries_go_to_lowest_index(precision, determin
         codebook[high] = codebook[low]
         x[2 * row] = codebook[high]  # rows on the copies: distance 0 to both, ties for sure
         x[2 * row + 1] = codebook[high] + 0.25
-    out = nearest_code_fused(x.to(device), codebook.to(device), values=x.flip(0).to(device), stats=True,
+    out = fused(x.to(device), codebook.to(device), values=x.flip(0).to(device), stats=True,
                              groups=3, deterministic=deterministic, precision=precision)
     check_exact(out, x, codebook, x.flip(0), 3)
     for row, (low, high) in enumerate(TILE_STRADDLING_DUPLICATES):
@@ -202,7 +207,7 @@ def test_single_row_code_or_dim(rows, codes, dim, groups, precision, determinist
     x = torch.randn(rows, dim, generator=gen)
     codebook = torch.randn(codes, dim, generator=gen)
     values = torch.randn(rows, dim, generator=gen)
-    out = nearest_code_fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=groups,
+    out = fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=groups,
                              deterministic=deterministic, precision=precision)
     check_against_brute_force(out, x, codebook, values, groups, tie_tol=1e-4)
     if codes == 1:
@@ -218,7 +223,7 @@ def test_rows_far_from_every_code(precision, device):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(45, 24, generator=gen) * 0.5 + 40.0
     codebook = torch.randn(60, 24, generator=gen) * 2.0
-    out = nearest_code_fused(x.to(device), codebook.to(device), values=(x * 2).to(device), stats=True, groups=3,
+    out = fused(x.to(device), codebook.to(device), values=(x * 2).to(device), stats=True, groups=3,
                              precision=precision)
     check_against_brute_force(out, x, codebook, x * 2, 3, tie_tol=1e-5)
     assert torch.all(out.sq_dist > 1e4)
@@ -231,7 +236,7 @@ def test_half_precision_and_strided_inputs(precision, deterministic, device):
     values = torch.randn(66, 19, generator=gen).to(device=device, dtype=torch.bfloat16)
     codebook = torch.randn(19, 40, generator=gen).to(device).t()  # strided float32 codebook [40, 19]
     assert not x.is_contiguous() and not codebook.is_contiguous()
-    out = nearest_code_fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
+    out = fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
                              precision=precision)
     check_against_brute_force(out, x.cpu(), codebook.cpu(), values.cpu(), 3, tie_tol=1e-4)
     ref = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=3)
@@ -263,7 +268,7 @@ def test_non_contiguous_and_expanded_inputs(precision, deterministic, device):
     for name, x, codebook, values in _layouts(gen, device):
         assert not x.is_contiguous() or not codebook.is_contiguous() or not values.is_contiguous(), name
         assert 0 in x.stride() + codebook.stride() + values.stride() or name.startswith("sliced"), name
-        out = nearest_code_fused(x, codebook, values=values, stats=True, deterministic=deterministic,
+        out = fused(x, codebook, values=values, stats=True, deterministic=deterministic,
                                  precision=precision)
         x64, cb64, v64 = x.cpu().double(), codebook.cpu().double(), values.cpu().double()
         dist = float64_distances(x64, cb64)
@@ -278,7 +283,7 @@ def test_non_contiguous_and_expanded_inputs(precision, deterministic, device):
         assert torch.equal(out.counts.cpu().double(), counts[0]), name
         torch.testing.assert_close(out.sums.cpu().double(), sums[0], rtol=1e-5, atol=1e-4, msg=name)
         # the same numbers, contiguous: the same result
-        dense = nearest_code_fused(x.contiguous(), codebook.contiguous(), values=values.contiguous(), stats=True,
+        dense = fused(x.contiguous(), codebook.contiguous(), values=values.contiguous(), stats=True,
                                    deterministic=deterministic, precision=precision)
         assert torch.equal(out.indices, dense.indices) and torch.equal(out.counts, dense.counts), name
 
@@ -300,7 +305,7 @@ def test_nan_rows_values_and_codes_follow_the_reference(precision, deterministic
     finite = torch.ones(rows, dtype=torch.bool)
     finite[nan_rows] = False
 
-    out = nearest_code_fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=2,
+    out = fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=2,
                              deterministic=deterministic, precision=precision)
     ref = ops.nearest_code_reference(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=2)
     assert torch.equal(out.indices, ref.indices)
@@ -325,7 +330,7 @@ def test_nan_rows_values_and_codes_follow_the_reference(precision, deterministic
     bad_book[37, 4] = NAN
     bad_book[70, 0] = NAN
     clean_x = torch.randn(rows, dim, generator=gen)
-    out = nearest_code_fused(clean_x.to(device), bad_book.to(device), stats=True, deterministic=deterministic,
+    out = fused(clean_x.to(device), bad_book.to(device), stats=True, deterministic=deterministic,
                              precision=precision)
     ref = ops.nearest_code_reference(clean_x.to(device), bad_book.to(device), stats=True)
     assert torch.all(out.indices == 37) and torch.all(out.sq_dist.isnan())
@@ -354,10 +359,10 @@ def test_long_segments_are_summed_in_full(deterministic, device):
     x = torch.randn(150, 40, generator=gen)
     codebook = torch.randn(6, 40, generator=gen) + 4.0
     codebook[2] = 0.0
-    first = nearest_code_fused(x.to(device), codebook.to(device), stats=True, groups=3, deterministic=deterministic)
+    first = fused(x.to(device), codebook.to(device), stats=True, groups=3, deterministic=deterministic)
     check_against_brute_force(first, x, codebook, x, 3, tie_tol=1e-4)
     assert torch.all(first.counts[:, 2] > 40)
-    second = nearest_code_fused(x.to(device), codebook.to(device), stats=True, groups=3, deterministic=deterministic)
+    second = fused(x.to(device), codebook.to(device), stats=True, groups=3, deterministic=deterministic)
     if deterministic:
         assert torch.equal(first.sums, second.sums) and torch.equal(first.counts, second.counts)
 
@@ -379,14 +384,14 @@ def test_mode_selection(monkeypatch, device):
     real = nearest_module._segment_stats
     monkeypatch.setattr(nearest_module, "_segment_stats", lambda *a: (used.append(1), real(*a)))
     x, codebook = torch.randn(6, 3, device=device), torch.randn(4, 3, device=device)
-    nearest_code_fused(x, codebook, stats=True)
+    fused(x, codebook, stats=True)
     assert used == [1]
     monkeypatch.setenv("SRCID_DETERMINISTIC", "0")
-    nearest_code_fused(x, codebook, stats=True)
+    fused(x, codebook, stats=True)
     assert used == [1]
     monkeypatch.setenv("SRCID_DETERMINISTIC", "maybe")
     with pytest.raises(SrcidError, match="SRCID_DETERMINISTIC"):
-        nearest_code_fused(x, codebook, stats=True)
+        fused(x, codebook, stats=True)
 
 
 def test_bad_inputs_are_clear_errors(device):
@@ -394,17 +399,17 @@ def test_bad_inputs_are_clear_errors(device):
         return torch.zeros(*shape, dtype=dtype, device=device)
 
     with pytest.raises(SrcidError, match=r"x \(4, 3\) and codebook \(5, 2\)"):
-        nearest_code_fused(zeros(4, 3), zeros(5, 2))
+        ops.nearest_code(zeros(4, 3), zeros(5, 2), impl="fused")
     with pytest.raises(SrcidError, match="no codes"):
-        nearest_code_fused(zeros(4, 3), zeros(0, 3))
+        ops.nearest_code(zeros(4, 3), zeros(0, 3), impl="fused")
     with pytest.raises(SrcidError, match="2 equal groups"):
-        nearest_code_fused(zeros(5, 3), zeros(4, 3), groups=2)
+        ops.nearest_code(zeros(5, 3), zeros(4, 3), groups=2, impl="fused")
     with pytest.raises(SrcidError, match="floating-point"):
-        nearest_code_fused(zeros(4, 3, dtype=torch.int64), zeros(5, 3))
+        ops.nearest_code(zeros(4, 3, dtype=torch.int64), zeros(5, 3), impl="fused")
 
 
 def test_empty_batch(device):
-    out = nearest_code_fused(torch.zeros(0, 7, device=device), torch.randn(5, 7, device=device), stats=True, groups=3)
+    out = fused(torch.zeros(0, 7, device=device), torch.randn(5, 7, device=device), stats=True, groups=3)
     assert out.indices.shape == (0,) and out.counts.shape == (3, 5) and out.sums.shape == (3, 5, 7)
     assert torch.all(out.counts == 0) and torch.all(out.sums == 0)
 
@@ -464,8 +469,8 @@ def clear_paths(x, codebook):
 def run_tf32x3(x, codebook, device, **kwargs):
     """``(out, row_paths)`` of the tf32x3 kernel on ``device``."""
     paths = torch.full((x.shape[0],), -1, dtype=torch.int32, device=device)
-    out = nearest_module._nearest_code(x.to(device), codebook.to(device), precision="tf32x3", row_paths=paths,
-                                       **kwargs)
+    out = ops.NearestCode(*nearest_module._nearest_code(x.to(device), codebook.to(device), precision="tf32x3",
+                                                        row_paths=paths, **kwargs))
     return out, paths.cpu()
 
 
@@ -517,7 +522,7 @@ def test_tf32x3_near_ties_where_tf32_flips_the_argmin(rows, codes, dim, device):
     assert torch.all(paths[sure_two] == TWO_RESCORED) and torch.all(paths[sure_one] == ONE_CANDIDATE)
     if rows >= 32 and dim > 1:  # the window is about 1e-4 of ||x|| ||c|| at these dims: many rows in it
         assert sure_two.sum() >= rows // 5 and (paths == IEEE_SWEEP).sum() <= rows // 10
-    ieee = nearest_code_fused(x.to(device), codebook.to(device), precision="ieee")
+    ieee = fused(x.to(device), codebook.to(device), precision="ieee")
     assert torch.equal(ieee.indices, out.indices)
 
 
@@ -623,7 +628,7 @@ def test_tf32x3_large_norm_rows(spread, device):
         assert (paths == IEEE_SWEEP).sum() > rows // 2
     else:
         assert (paths == IEEE_SWEEP).sum() < rows // 4
-    ieee = nearest_code_fused(x.to(device), codebook.to(device), precision="ieee")
+    ieee = fused(x.to(device), codebook.to(device), precision="ieee")
     assert torch.equal(ieee.indices.cpu()[clear], got[clear])
     if INTERPRETING:  # the same 32-wide tiles in the sweep: the same float32 numbers
         swept = paths == IEEE_SWEEP
@@ -644,7 +649,7 @@ def test_tf32x3_non_finite_and_huge_inputs_take_the_ieee_sweep(device):
     x[6] *= 1e19  # ||x||^2 overflows float32
     x[37] *= 1e-30  # ||x||^2 underflows to 0: the bound allows for it; the row's scores are ||c||^2
     out, paths = run_tf32x3(x, codebook, device)
-    ieee = nearest_code_fused(x.to(device), codebook.to(device), precision="ieee")
+    ieee = fused(x.to(device), codebook.to(device), precision="ieee")
     assert torch.equal(out.indices, ieee.indices)
     torch.testing.assert_close(out.sq_dist, ieee.sq_dist, equal_nan=True, rtol=1e-5, atol=1e-5)
     assert torch.all(paths[[3, 4, 5, 6]] == IEEE_SWEEP)
@@ -654,7 +659,7 @@ def test_tf32x3_non_finite_and_huge_inputs_take_the_ieee_sweep(device):
     bad_book = codebook.clone()
     bad_book[20, 3] = float("inf")
     out, paths = run_tf32x3(x[finite], bad_book, device)
-    ieee = nearest_code_fused(x[finite].to(device), bad_book.to(device), precision="ieee")
+    ieee = fused(x[finite].to(device), bad_book.to(device), precision="ieee")
     assert torch.equal(out.indices, ieee.indices) and torch.all(paths == IEEE_SWEEP)
     # everything tiny: products underflow, every score is 0, all codes tie: the sweep keeps code 0
     out, paths = run_tf32x3(x[finite] * 1e-25, codebook * 1e-25, device)
@@ -722,21 +727,21 @@ def test_precision_selection(monkeypatch, device):
     x, codebook = torch.randn(6, 3, device=device), torch.randn(4, 3, device=device)
     monkeypatch.delenv("SRCID_NEAREST_PRECISION", raising=False)
     assert nearest_module.nearest_precision() == "tf32x3"
-    nearest_code_fused(x, codebook)
+    fused(x, codebook)
     ops.nearest_code(x, codebook, impl="fused")
     assert launched == ["tf32x3", "tf32x3"]
     monkeypatch.setenv("SRCID_NEAREST_PRECISION", "IEEE ")
     assert nearest_module.nearest_precision() == "ieee"
-    nearest_code_fused(x, codebook)
+    fused(x, codebook)
     ops.nearest_code(x, codebook, impl="fused", stats=True)
-    nearest_code_fused(x, codebook, precision="tf32x3")  # the call wins over the variable
+    fused(x, codebook, precision="tf32x3")  # the call wins over the variable
     assert launched[2:] == ["ieee", "ieee", "tf32x3"]
     monkeypatch.setenv("SRCID_NEAREST_PRECISION", "tf32")
     with pytest.raises(SrcidError, match=r"SRCID_NEAREST_PRECISION='tf32': use one of ieee, tf32x3"):
-        nearest_code_fused(x, codebook)
-    nearest_code_fused(x, codebook, precision="ieee")  # a valid argument does not read the variable
+        fused(x, codebook)
+    fused(x, codebook, precision="ieee")  # a valid argument does not read the variable
     with pytest.raises(SrcidError, match=r"precision='bf16'"):
-        nearest_code_fused(x, codebook, precision="bf16")
+        fused(x, codebook, precision="bf16")
     with pytest.raises(SrcidError, match="row_paths"):
         nearest_module._nearest_code(x, codebook, precision="ieee", row_paths=torch.zeros(6, dtype=torch.int32,
                                                                                                device=device))
@@ -775,14 +780,14 @@ def _run_paper_checks(device, deterministic, precision):
         for exact in (True, False):
             x, codebook, values = _paper_case(rows, codes, dim, exact, device.type)
             groups = 3 if rows % 3 == 0 else 7  # 1001 rows: 7 groups of 143
-            out = nearest_code_fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
+            out = fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
                                      precision=precision)
             where = f"{rows}x{codes}x{dim} exact={exact}"
             if exact:
                 check_exact(out, x, codebook, values, groups)
             else:
                 check_against_brute_force(out, x, codebook, values, groups, tie_tol=1e-4)
-            plain = nearest_code_fused(x, codebook, deterministic=deterministic, precision=precision)
+            plain = fused(x, codebook, deterministic=deterministic, precision=precision)
             assert torch.equal(plain.indices, out.indices), where
 
 
@@ -802,8 +807,10 @@ def _run_tf32x3_paper_checks(device, deterministic):
     for (rows, codes, dim) in PAPER_SHAPES:
         x, codebook = _paper_near_ties(rows, codes, dim, device.type)
         paths = torch.full((rows,), -1, dtype=torch.int32, device=device)
-        out = nearest_module._nearest_code(x, codebook, values=x, stats=True, groups=7 if rows == 1001 else 3,
-                                           deterministic=deterministic, precision="tf32x3", row_paths=paths)
+        out = ops.NearestCode(*nearest_module._nearest_code(x, codebook, values=x, stats=True,
+                                                            groups=7 if rows == 1001 else 3,
+                                                            deterministic=deterministic, precision="tf32x3",
+                                                            row_paths=paths))
         dist = float64_distances(x, codebook)
         best, indices = first_minimum(dist)
         flipped = first_index(tf32_scores64(x, codebook)) != indices
@@ -815,7 +822,7 @@ def _run_tf32x3_paper_checks(device, deterministic):
         sure_two, sure_one = clear_paths(x, codebook)
         assert torch.all(paths[sure_two] == TWO_RESCORED) and torch.all(paths[sure_one] == ONE_CANDIDATE)
         assert (paths == IEEE_SWEEP).float().mean() < 0.02 and torch.all(paths >= 0)
-        ieee = nearest_code_fused(x, codebook, precision="ieee")
+        ieee = fused(x, codebook, precision="ieee")
         assert torch.equal(ieee.indices[clear], out.indices[clear])
         # plain Gaussian rows: almost all decided by the tensor cores (one candidate, or two rescored)
         x, codebook, _ = _paper_case(rows, codes, dim, False, device.type)
@@ -855,7 +862,7 @@ def test_every_gpu_config_of_the_segment_sum_kernel_at_paper_sizes(config_index,
 def test_bfloat16_inputs_at_paper_sizes(rows, deterministic, precision, cuda_device):
     gen = torch.Generator().manual_seed(rows)
     x, codebook, values = (torch.randn(n, 256, generator=gen).to(cuda_device, torch.bfloat16) for n in (rows, 400, rows))
-    out = nearest_code_fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
+    out = fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
                              precision=precision)
     # the float64 brute force of the bfloat16 numbers (exactly representable in float32 and float64)
     check_against_brute_force(out, x, codebook, values, 3, tie_tol=1e-4)
