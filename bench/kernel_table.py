@@ -8,7 +8,7 @@ On CUDA, at the paper's sizes (L = 400 codes, D = 256, 3 groups):
 * one quantizer step (nearest code with statistics for 3 groups, then the EMA
   update) at N = 2400 and 7680 rows: fused (replayed from a CUDA graph, and
   eager), fused with deterministic statistics, the reference, and the naive
-  eager step of ``bench/naive.py`` (dense ``N x L`` distances and one-hot);
+  eager step of ``testing/oracles.py`` (dense ``N x L`` distances and one-hot);
 * CLUB forward + backward of ``mean(positive - negative)``: the fused exact
   all-pairs bound, the reference, the sampled estimator (``club_sample``) and
   the naive ``N x N x D`` form where its pair tensors fit.
@@ -45,20 +45,19 @@ from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _path in (str(HERE), str(ROOT)):  # bench/naive.py; srcid without an install
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(ROOT) not in sys.path:  # testing.oracles; srcid without an install
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from naive import (  # noqa: E402
+from srcid import ops  # noqa: E402
+from testing.oracles import (  # noqa: E402
     club_all_pairs_bytes,
-    club_all_pairs_naive,
+    club_naive,
     club_sample,
     ema_update_naive,
     nearest_code_naive,
 )
-from srcid import ops  # noqa: E402
 
 GROUPS, DECAY, EPS = 3, 0.99, 1e-5
 NAIVE_TEMPORARIES = 4  # pair tensors alive at once in forward + backward of the naive CLUB form
@@ -482,7 +481,7 @@ def club_terms(path: str, mu, logvar, y) -> Callable:
         return lambda: ops.club_loglik_reference(mu, logvar, y)[:2]
     if path == "sampled":
         return lambda: club_sample(mu, logvar, y)
-    return lambda: club_all_pairs_naive(mu, logvar, y)
+    return lambda: club_naive(mu, logvar, y)[:2]
 
 
 def club_fn(path: str, mu, logvar, y) -> Callable:

@@ -15,25 +15,9 @@ from srcid import ops
 from srcid.errors import SrcidError
 from srcid.kernels import ema_update_fused_, nearest_code_fused
 from srcid.kernels import ema as ema_module
+from testing.oracles import ema_float64
 
 MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
-
-
-def ema_float64(cluster_size, embed_sum, counts, sums, decay, eps):
-    """Group after group in float64 (on CPU); Laplace smoothing written out code by code."""
-    size = cluster_size.detach().cpu().double().clone()
-    embed = embed_sum.detach().cpu().double().clone()
-    num_codes, dim = embed.shape
-    counts = counts.detach().cpu().double().reshape(-1, num_codes)
-    sums = sums.detach().cpu().double().reshape(-1, num_codes, dim)
-    codebook = None
-    for g in range(counts.shape[0]):
-        size = decay * size + (1.0 - decay) * counts[g]
-        embed = decay * embed + (1.0 - decay) * sums[g]
-        n = float(size.sum())
-        smoothed = [(float(size[k]) + eps) / (n + num_codes * eps) * n for k in range(num_codes)]
-        codebook = embed / torch.tensor(smoothed, dtype=torch.float64)[:, None]
-    return size, embed, codebook
 
 
 def random_state(codes, dim, groups, seed, device="cpu"):

@@ -28,6 +28,7 @@ from srcid.errors import SrcidError
 from srcid.kernels import deterministic_stats, nearest_code_fused
 from srcid.kernels import nearest_code as nearest_module
 from srcid.kernels._common import INTERPRETING
+from testing.oracles import first_minimum, float64_distances, float64_stats
 
 MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
 # (precision, deterministic): statistics are the same code for both precisions
@@ -44,31 +45,6 @@ ONE_CANDIDATE, TWO_RESCORED, IEEE_SWEEP = 0, 1, 2  # row paths of the tf32x3 ker
 def fused(x, codebook, **kwargs) -> ops.NearestCode:
     """The kernel itself, with its ``deterministic`` and ``precision`` arguments; its tuple named as the op names it."""
     return ops.NearestCode(*nearest_code_fused(x, codebook, **kwargs))
-
-
-def float64_distances(x, codebook, chunk=128):
-    """``||x_i - c_l||^2`` in float64 from the differences (rows in chunks), where the inputs are."""
-    x64, cb64 = x.double(), codebook.double()
-    parts = [((x64[i : i + chunk, None, :] - cb64[None]) ** 2).sum(-1) for i in range(0, x64.shape[0], chunk)]
-    return torch.cat(parts) if parts else x64.new_zeros(0, cb64.shape[0])
-
-
-def first_minimum(dist):
-    """Lowest index among each row's minima (integer min: no tie rule of a float argmin involved)."""
-    best = dist.min(1).values
-    codes = torch.arange(dist.shape[1], device=dist.device)
-    return best, torch.where(dist == best[:, None], codes, dist.shape[1]).min(1).values
-
-
-def float64_stats(indices, values, groups, num_codes):
-    """Counts and sums of ``values`` per (group, code) of the given assignment, in float64."""
-    n, dim = values.shape
-    slot = indices.to(values.device) + torch.arange(n, device=values.device) // (n // groups) * num_codes
-    counts = torch.zeros(groups * num_codes, dtype=torch.float64, device=values.device)
-    counts.index_add_(0, slot, torch.ones(n, dtype=torch.float64, device=values.device))
-    sums = torch.zeros(groups * num_codes, dim, dtype=torch.float64, device=values.device)
-    sums.index_add_(0, slot, values.double())
-    return counts.view(groups, num_codes), sums.view(groups, num_codes, dim)
 
 
 def check_shapes(out, groups, num_codes, dim):

@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import srcid.kernels
 from srcid import ops
 from srcid.errors import SrcidError
+from testing.oracles import brute_nearest, club_naive, ema_float64
 
 
 @pytest.fixture(autouse=True)
@@ -23,21 +23,6 @@ def _no_process_choice(monkeypatch):
     ops.set_kernels(None)
     yield
     ops.set_kernels(None)
-
-
-def brute_nearest(x, codebook, values, groups):
-    """float64 distances, first minimum by numpy, counts and sums by Python loops over rows."""
-    x64, cb64, v64 = x.double(), codebook.double(), values.double()
-    dist = ((x64[:, None, :] - cb64[None, :, :]) ** 2).sum(-1).numpy()
-    indices = np.argmin(dist, axis=1)  # first occurrence of the minimum
-    num_codes = codebook.shape[0]
-    counts = np.zeros((groups, num_codes))
-    sums = np.zeros((groups, num_codes, x.shape[1]))
-    per_group = x.shape[0] // groups
-    for row, code in enumerate(indices):
-        counts[row // per_group, code] += 1
-        sums[row // per_group, code] += v64[row].numpy()
-    return indices, dist[np.arange(len(indices)), indices], counts, sums
 
 
 def integer_grid(rows, codes, dim, generator):
@@ -55,12 +40,12 @@ def test_nearest_reference_matches_brute_force(rows, codes, dim, groups):
     values = torch.randn(rows, dim, generator=gen)
     out = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=groups)
     indices, sq_dist, counts, sums = brute_nearest(x, codebook, values, groups)
-    assert np.array_equal(out.indices.numpy(), indices)
-    np.testing.assert_allclose(out.sq_dist.numpy(), sq_dist, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(out.sq_dist.double(), sq_dist, rtol=1e-5, atol=1e-4)
     shape = (codes,) if groups == 1 else (groups, codes)
     assert out.counts.shape == shape and out.sums.shape == shape + (dim,)
-    assert np.array_equal(out.counts.numpy().reshape(groups, codes), counts)
-    np.testing.assert_allclose(out.sums.numpy().reshape(groups, codes, dim), sums, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.counts.double().reshape(groups, codes), counts)
+    torch.testing.assert_close(out.sums.double().reshape(groups, codes, dim), sums, rtol=1e-5, atol=1e-5)
 
 
 def test_nearest_reference_ties_go_to_lowest_index():
@@ -70,8 +55,8 @@ def test_nearest_reference_ties_go_to_lowest_index():
     codebook[20] = codebook[7]
     out = ops.nearest_code_reference(x, codebook, stats=True)
     indices, sq_dist, counts, _ = brute_nearest(x, codebook, x, 1)
-    assert np.array_equal(out.indices.numpy(), indices)
-    assert np.array_equal(out.sq_dist.numpy(), sq_dist.astype(np.float32))
+    assert torch.equal(out.indices, indices)
+    assert torch.equal(out.sq_dist, sq_dist.float())
     assert out.counts[33] == 0 and out.counts[20] == 0
     dist = ((x[:, None, :] - codebook[None]) ** 2).sum(-1)
     assert ((dist == dist.min(1, keepdim=True).values).sum(1) > 1).sum() > 10  # the data really has ties
@@ -83,8 +68,8 @@ def test_nearest_reference_half_input_and_no_stats():
     codebook = torch.randn(25, 16, generator=gen)
     out = ops.nearest_code_reference(x, codebook)
     indices, sq_dist, _, _ = brute_nearest(x, codebook, x, 1)
-    assert np.array_equal(out.indices.numpy(), indices)
-    np.testing.assert_allclose(out.sq_dist.numpy(), sq_dist, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(out.sq_dist.double(), sq_dist, rtol=1e-5, atol=1e-4)
     assert out.counts is None and out.sums is None
 
 
@@ -95,21 +80,6 @@ def test_nearest_rejects_bad_shapes():
         ops.nearest_code(torch.zeros(4, 3), torch.zeros(5, 3), values=torch.zeros(4, 2))
     with pytest.raises(SrcidError, match="3 equal groups"):
         ops.nearest_code(torch.zeros(4, 3), torch.zeros(5, 3), groups=3)
-
-
-def ema_float64(cluster_size, embed_sum, counts, sums, decay, eps):
-    """The update in float64, one group after another, code by code."""
-    size = cluster_size.double().clone()
-    embed = embed_sum.double().clone()
-    counts, sums = counts.double().reshape(-1, size.shape[0]), sums.double().reshape(-1, *embed.shape)
-    num_codes = size.shape[0]
-    for g in range(counts.shape[0]):
-        size = decay * size + (1 - decay) * counts[g]
-        embed = decay * embed + (1 - decay) * sums[g]
-        n = float(size.sum())
-        smoothed = torch.tensor([(float(size[k]) + eps) / (n + num_codes * eps) * n for k in range(num_codes)], dtype=torch.float64)
-        codebook = embed / smoothed[:, None]
-    return size, embed, codebook
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -128,15 +98,6 @@ def test_ema_reference_matches_float64(groups):
     expected = ema_float64(cluster_size, embed_sum, counts, sums, 0.99, 1e-5)
     for got, want in zip(state, expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-
-
-def club_naive(mu, logvar, y):
-    """All pairs materialised: negative[i] = mean_j sum_d -(y_j - mu_i)^2 / (2 exp(logvar_i))."""
-    inv_var = torch.exp(-logvar)
-    positive = -0.5 * ((y - mu) ** 2 * inv_var).sum(-1)
-    pairs = y.unsqueeze(-3) - mu.unsqueeze(-2)  # [..., i, j, D] = y_j - mu_i
-    negative = (-0.5 * pairs**2 * inv_var.unsqueeze(-2)).sum(-1).mean(-1)
-    return positive, negative, positive - 0.5 * logvar.sum(-1)
 
 
 def club_inputs(shape, seed, dtype=torch.float64):
