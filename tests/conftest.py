@@ -2,9 +2,9 @@
 
 The repository root's conftest.py, shared with the benchmarks, comes first:
 Triton's interpreter without a GPU, DeepSpeed's accelerator, and the
-``device`` and ``cuda_device`` fixtures of the kernel tests.
+``device`` and ``cuda_device`` fixtures of the kernel tests (tests/ops/conftest.py
+has the rest of theirs).
 """
-import contextlib
 import os
 
 import pytest
@@ -51,21 +51,3 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     synthesize("tiny", out, seed=0, progress=False)
     return out
-
-
-@contextlib.contextmanager
-def _only_config(tuner, config):
-    saved = tuner.configs
-    tuner.configs = [config]  # one config: the autotuner launches it without benchmarking
-    tuner.cache.clear()
-    try:
-        yield config
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()
-
-
-@pytest.fixture(scope="session")
-def forced_config():
-    """``with forced_config(autotuner, config):`` every launch of that kernel uses ``config`` alone."""
-    return _only_config

@@ -1,4 +1,4 @@
-"""The fused EMA codebook update against srcid.ops' reference and a float64 formula.
+"""The EMA codebook update: srcid.ops' reference, and the fused kernels against it and a float64 formula.
 
 Inputs live on the ``device`` fixture (the GPU where CUDA is present, else the
 CPU under Triton's interpreter); the float64 formula runs on CPU copies. The
@@ -34,6 +34,28 @@ def check_float64(state, want, rtol=1e-5, atol=1e-6):
     for got, w in zip(state, want):
         torch.testing.assert_close(got.cpu().double(), w, rtol=rtol, atol=atol)
 
+
+# -- the PyTorch reference against float64 ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_ema_reference_matches_float64(groups):
+    gen = torch.Generator().manual_seed(11 + groups)
+    codes, dim = 53, 19
+    cluster_size = torch.rand(codes, generator=gen) * 4
+    embed_sum = torch.randn(codes, dim, generator=gen)
+    counts = torch.randint(0, 6, (groups, codes), generator=gen).float()
+    counts[:, :5] = 0  # codes no row picked
+    sums = torch.randn(groups, codes, dim, generator=gen)
+    if groups == 1:
+        counts, sums = counts[0], sums[0]
+    state = [cluster_size.clone(), embed_sum.clone(), torch.zeros(codes, dim)]
+    ops.ema_update_reference(*state, counts, sums, decay=0.99, eps=1e-5)
+    expected = ema_float64(cluster_size, embed_sum, counts, sums, 0.99, 1e-5)
+    for got, want in zip(state, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# -- the fused kernels ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     "codes,dim,groups",

@@ -1,4 +1,4 @@
-"""The fused nearest-code kernels against srcid.ops' reference and float64 brute force.
+"""Nearest code and statistics: srcid.ops' reference, and the fused kernels against it and float64 brute force.
 
 Inputs live on the ``device`` fixture (tests/conftest.py): the GPU where CUDA
 is present, so the compiled kernels run, else the CPU, where the kernels run in
@@ -28,7 +28,7 @@ from srcid.errors import SrcidError
 from srcid.kernels import deterministic_stats, nearest_code_fused
 from srcid.kernels import nearest_code as nearest_module
 from srcid.kernels._common import INTERPRETING
-from testing.oracles import first_minimum, float64_distances, float64_stats
+from testing.oracles import brute_nearest, first_minimum, float64_distances, float64_stats
 
 MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
 # (precision, deterministic): statistics are the same code for both precisions
@@ -89,6 +89,67 @@ def check_exact(out, x, codebook, values, groups):
     assert torch.equal(out.counts.to(dist.device).double().reshape(groups, num_codes), counts)
     assert torch.equal(out.sums.to(dist.device).double().reshape(groups, num_codes, dim), sums)
 
+
+# -- the PyTorch reference against float64 ----------------------------------------------------------------------------
+
+def integer_grid(rows, codes, dim, generator):
+    """Small-integer data: every float32 distance is exact and equal distances are common."""
+    x = torch.randint(-2, 3, (rows, dim), generator=generator).float()
+    codebook = torch.randint(-1, 2, (codes, dim), generator=generator).float()
+    return x, codebook
+
+
+@pytest.mark.parametrize("rows,codes,dim,groups", [(37, 53, 19, 1), (39, 53, 19, 3), (120, 200, 48, 3)])
+def test_nearest_reference_matches_brute_force(rows, codes, dim, groups):
+    gen = torch.Generator().manual_seed(rows * 1000 + codes)
+    x = torch.randn(rows, dim, generator=gen)
+    codebook = torch.randn(codes, dim, generator=gen)
+    values = torch.randn(rows, dim, generator=gen)
+    out = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=groups)
+    indices, sq_dist, counts, sums = brute_nearest(x, codebook, values, groups)
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(out.sq_dist.double(), sq_dist, rtol=1e-5, atol=1e-4)
+    shape = (codes,) if groups == 1 else (groups, codes)
+    assert out.counts.shape == shape and out.sums.shape == shape + (dim,)
+    assert torch.equal(out.counts.double().reshape(groups, codes), counts)
+    torch.testing.assert_close(out.sums.double().reshape(groups, codes, dim), sums, rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_reference_ties_go_to_lowest_index():
+    gen = torch.Generator().manual_seed(3)
+    x, codebook = integer_grid(90, 40, 5, gen)
+    codebook[33] = codebook[2]  # duplicated rows: the lower index must win
+    codebook[20] = codebook[7]
+    out = ops.nearest_code_reference(x, codebook, stats=True)
+    indices, sq_dist, counts, _ = brute_nearest(x, codebook, x, 1)
+    assert torch.equal(out.indices, indices)
+    assert torch.equal(out.sq_dist, sq_dist.float())
+    assert out.counts[33] == 0 and out.counts[20] == 0
+    dist = ((x[:, None, :] - codebook[None]) ** 2).sum(-1)
+    assert ((dist == dist.min(1, keepdim=True).values).sum(1) > 1).sum() > 10  # the data really has ties
+
+
+def test_nearest_reference_half_input_and_no_stats():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 16, generator=gen).half()
+    codebook = torch.randn(25, 16, generator=gen)
+    out = ops.nearest_code_reference(x, codebook)
+    indices, sq_dist, _, _ = brute_nearest(x, codebook, x, 1)
+    assert torch.equal(out.indices, indices)
+    torch.testing.assert_close(out.sq_dist.double(), sq_dist, rtol=1e-5, atol=1e-4)
+    assert out.counts is None and out.sums is None
+
+
+def test_nearest_rejects_bad_shapes():
+    with pytest.raises(SrcidError, match="codebook"):
+        ops.nearest_code(torch.zeros(4, 3), torch.zeros(5, 2))
+    with pytest.raises(SrcidError, match="values"):
+        ops.nearest_code(torch.zeros(4, 3), torch.zeros(5, 3), values=torch.zeros(4, 2))
+    with pytest.raises(SrcidError, match="3 equal groups"):
+        ops.nearest_code(torch.zeros(4, 3), torch.zeros(5, 3), groups=3)
+
+
+# -- the fused kernels ------------------------------------------------------------------------------------------------
 
 def _shape_cases():
     """Every (precision, mode) on the small shapes; on the larger ones (slow in the interpreter) fewer."""

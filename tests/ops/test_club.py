@@ -1,4 +1,5 @@
-"""The fused CLUB kernels against the naive all-pairs formula in float64 and srcid.ops' reference.
+"""CLUB log-likelihoods: srcid.ops' reference, and the fused kernels, against the naive all-pairs formula in
+float64 (and the fused kernels against the reference).
 
 Inputs live on the ``device`` fixture (the GPU where CUDA is present, else the
 CPU under Triton's interpreter); float64 leaves stay on the CPU, so the
@@ -50,6 +51,38 @@ def random_weights(shape, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
 
+
+# -- the PyTorch reference against float64 ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 23, 11), (1, 64, 40)])
+def test_club_reference_matches_all_pairs(shape):
+    mu, logvar, y = inputs64(shape, seed=sum(shape))
+    got = ops.club_loglik_reference(mu, logvar, y)
+    want = club_naive(mu, logvar, y)
+    for g, w in zip(got, want):
+        assert g.shape == shape[:-1]
+        rel = ((g - w).abs().max() / w.abs().max()).item()
+        assert rel < 1e-9
+    weights = [torch.randn(shape[:-1], dtype=torch.float64) for _ in range(3)]
+    grads_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (mu, logvar, y))
+    grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (mu, logvar, y))
+    for g, w in zip(grads_got, grads_want):
+        assert ((g - w).abs().max() / w.abs().max()).item() < 1e-9
+
+
+def test_club_reference_gradcheck():
+    inputs = inputs64((2, 5, 3), seed=7)
+    assert torch.autograd.gradcheck(lambda *t: tuple(ops.club_loglik_reference(*t)), inputs)
+
+
+def test_club_rejects_mismatched_shapes():
+    with pytest.raises(SrcidError, match="one shape"):
+        ops.club_loglik(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(SrcidError, match="one shape"):
+        ops.club_loglik(torch.zeros(3), torch.zeros(3), torch.zeros(3))
+
+
+# -- the fused kernels ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(37, 19), (3, 2, 37, 19), (2, 300, 24), (1, 530, 8)])
 def test_values_and_gradients_match_float64(shape, device):
