@@ -171,7 +171,7 @@ def test_matches_brute_force_and_reference(rows, codes, dim, groups, precision, 
     values = torch.randn(rows, dim, generator=gen) * 3.0 + 1.0
     x, codebook, values = x.to(device), codebook.to(device), values.to(device)
     out = fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
-                             precision=precision)
+                precision=precision)
     assert out.indices.device == x.device
     check_against_brute_force(out, x.cpu(), codebook.cpu(), values.cpu(), groups, tie_tol=1e-4)
     ref = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=groups)
@@ -196,7 +196,7 @@ def test_ties_go_to_lowest_index(precision, deterministic, device):
     codebook[40] = codebook[35]  # duplicate in the same tile
     codebook[64] = codebook[10]  # duplicate at a tile's first position
     out = fused(x.to(device), codebook.to(device), stats=True, deterministic=deterministic,
-                             precision=precision)
+                precision=precision)
     dist = float64_distances(x, codebook)
     tied_rows = (dist == dist.min(1, keepdim=True).values).sum(1) > 1
     assert tied_rows.sum() > 10
@@ -223,7 +223,7 @@ def test_ties_across_code_tile_boundaries_go_to_lowest_index(precision, determin
         x[2 * row] = codebook[high]  # rows on the copies: distance 0 to both, ties for sure
         x[2 * row + 1] = codebook[high] + 0.25
     out = fused(x.to(device), codebook.to(device), values=x.flip(0).to(device), stats=True,
-                             groups=3, deterministic=deterministic, precision=precision)
+                groups=3, deterministic=deterministic, precision=precision)
     check_exact(out, x, codebook, x.flip(0), 3)
     for row, (low, high) in enumerate(TILE_STRADDLING_DUPLICATES):
         assert out.indices[2 * row] == low and out.indices[2 * row + 1] == low and out.sq_dist[2 * row] == 0
@@ -245,7 +245,7 @@ def test_single_row_code_or_dim(rows, codes, dim, groups, precision, determinist
     codebook = torch.randn(codes, dim, generator=gen)
     values = torch.randn(rows, dim, generator=gen)
     out = fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=groups,
-                             deterministic=deterministic, precision=precision)
+                deterministic=deterministic, precision=precision)
     check_against_brute_force(out, x, codebook, values, groups, tie_tol=1e-4)
     if codes == 1:
         assert torch.all(out.indices == 0)
@@ -261,7 +261,7 @@ def test_rows_far_from_every_code(precision, device):
     x = torch.randn(45, 24, generator=gen) * 0.5 + 40.0
     codebook = torch.randn(60, 24, generator=gen) * 2.0
     out = fused(x.to(device), codebook.to(device), values=(x * 2).to(device), stats=True, groups=3,
-                             precision=precision)
+                precision=precision)
     check_against_brute_force(out, x, codebook, x * 2, 3, tie_tol=1e-5)
     assert torch.all(out.sq_dist > 1e4)
 
@@ -274,7 +274,7 @@ def test_half_precision_and_strided_inputs(precision, deterministic, device):
     codebook = torch.randn(19, 40, generator=gen).to(device).t()  # strided float32 codebook [40, 19]
     assert not x.is_contiguous() and not codebook.is_contiguous()
     out = fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
-                             precision=precision)
+                precision=precision)
     check_against_brute_force(out, x.cpu(), codebook.cpu(), values.cpu(), 3, tie_tol=1e-4)
     ref = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=3)
     assert (out.indices == ref.indices).float().mean() > 0.95
@@ -306,7 +306,7 @@ def test_non_contiguous_and_expanded_inputs(precision, deterministic, device):
         assert not x.is_contiguous() or not codebook.is_contiguous() or not values.is_contiguous(), name
         assert 0 in x.stride() + codebook.stride() + values.stride() or name.startswith("sliced"), name
         out = fused(x, codebook, values=values, stats=True, deterministic=deterministic,
-                                 precision=precision)
+                    precision=precision)
         x64, cb64, v64 = x.cpu().double(), codebook.cpu().double(), values.cpu().double()
         dist = float64_distances(x64, cb64)
         best, indices = first_minimum(dist)
@@ -321,7 +321,7 @@ def test_non_contiguous_and_expanded_inputs(precision, deterministic, device):
         torch.testing.assert_close(out.sums.cpu().double(), sums[0], rtol=1e-5, atol=1e-4, msg=name)
         # the same numbers, contiguous: the same result
         dense = fused(x.contiguous(), codebook.contiguous(), values=values.contiguous(), stats=True,
-                                   deterministic=deterministic, precision=precision)
+                      deterministic=deterministic, precision=precision)
         assert torch.equal(out.indices, dense.indices) and torch.equal(out.counts, dense.counts), name
 
 
@@ -343,7 +343,7 @@ def test_nan_rows_values_and_codes_follow_the_reference(precision, deterministic
     finite[nan_rows] = False
 
     out = fused(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=2,
-                             deterministic=deterministic, precision=precision)
+                deterministic=deterministic, precision=precision)
     ref = ops.nearest_code_reference(x.to(device), codebook.to(device), values=values.to(device), stats=True, groups=2)
     assert torch.equal(out.indices, ref.indices)
     torch.testing.assert_close(out.sq_dist, ref.sq_dist, rtol=1e-5, atol=1e-4, equal_nan=True)
@@ -368,7 +368,7 @@ def test_nan_rows_values_and_codes_follow_the_reference(precision, deterministic
     bad_book[70, 0] = NAN
     clean_x = torch.randn(rows, dim, generator=gen)
     out = fused(clean_x.to(device), bad_book.to(device), stats=True, deterministic=deterministic,
-                             precision=precision)
+                precision=precision)
     ref = ops.nearest_code_reference(clean_x.to(device), bad_book.to(device), stats=True)
     assert torch.all(out.indices == 37) and torch.all(out.sq_dist.isnan())
     assert torch.equal(out.indices, ref.indices) and torch.equal(out.counts, ref.counts)
@@ -818,7 +818,7 @@ def _run_paper_checks(device, deterministic, precision):
             x, codebook, values = _paper_case(rows, codes, dim, exact, device.type)
             groups = 3 if rows % 3 == 0 else 7  # 1001 rows: 7 groups of 143
             out = fused(x, codebook, values=values, stats=True, groups=groups, deterministic=deterministic,
-                                     precision=precision)
+                        precision=precision)
             where = f"{rows}x{codes}x{dim} exact={exact}"
             if exact:
                 check_exact(out, x, codebook, values, groups)
@@ -900,7 +900,7 @@ def test_bfloat16_inputs_at_paper_sizes(rows, deterministic, precision, cuda_dev
     gen = torch.Generator().manual_seed(rows)
     x, codebook, values = (torch.randn(n, 256, generator=gen).to(cuda_device, torch.bfloat16) for n in (rows, 400, rows))
     out = fused(x, codebook, values=values, stats=True, groups=3, deterministic=deterministic,
-                             precision=precision)
+                precision=precision)
     # the float64 brute force of the bfloat16 numbers (exactly representable in float32 and float64)
     check_against_brute_force(out, x, codebook, values, 3, tie_tol=1e-4)
     ref = ops.nearest_code_reference(x, codebook, values=values, stats=True, groups=3)
