@@ -84,7 +84,9 @@ def test_club_rejects_mismatched_shapes():
 
 # -- the fused kernels ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 37, 19), (2, 300, 24), (1, 530, 8)])
+# (2, 289, 24): two row splits of the column reductions (145 and 144 rows, neither a multiple of the tiles) for
+# each of two batch indices
+@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 37, 19), (2, 289, 24)])
 def test_values_and_gradients_match_float64(shape, device):
     leaves = inputs64(shape, seed=sum(shape))
     fused = club_fused(*on(device, leaves))

@@ -59,8 +59,8 @@ def test_ema_reference_matches_float64(groups):
 
 @pytest.mark.parametrize(
     "codes,dim,groups",
-    [(53, 19, 1), (53, 19, 3), (400, 64, 3), (17, 70, 2), (1, 1, 1), (1, 1, 3), (37, 1, 2), (1, 45, 2)],
-    ids=["53x19-G1", "53x19-G3", "400x64-G3", "17x70-G2", "L1-D1-G1", "L1-D1-G3", "D1", "L1"],
+    [(53, 19, 1), (53, 19, 3), (17, 70, 2), (1, 1, 1), (1, 1, 3), (37, 1, 2), (1, 45, 2)],
+    ids=["53x19-G1", "53x19-G3", "17x70-G2", "L1-D1-G1", "L1-D1-G3", "D1", "L1"],
 )
 def test_matches_reference_and_float64(codes, dim, groups, device):
     cluster_size, embed_sum, counts, sums = random_state(codes, dim, groups, seed=codes + dim + groups, device=device)

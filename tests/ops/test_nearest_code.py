@@ -37,7 +37,6 @@ COMBOS = [
     pytest.param("tf32x3", True, id="tf32x3-deterministic"),
     pytest.param("ieee", False, id="ieee-atomic"),
 ]
-ALL_COMBOS = COMBOS + [pytest.param("ieee", True, id="ieee-deterministic")]
 NAN = float("nan")
 ONE_CANDIDATE, TWO_RESCORED, IEEE_SWEEP = 0, 1, 2  # row paths of the tf32x3 kernel
 
@@ -152,13 +151,17 @@ def test_nearest_rejects_bad_shapes():
 # -- the fused kernels ------------------------------------------------------------------------------------------------
 
 def _shape_cases():
-    """Every (precision, mode) on the small shapes; on the larger ones (slow in the interpreter) fewer."""
+    """Every (precision, mode) on the small shapes; on the larger ones (slow in the interpreter) both precisions
+    with atomics: the deterministic statistics cost one interpreted program per (group, code, dim tile), and
+    their long, multi-dim-tile and empty slots are covered by the small shapes, by
+    test_long_segments_are_summed_in_full and by test_single_row_code_or_dim. 150 x 97 crosses the GPU's 128-row
+    and 64-code tiles raggedly; 128 x 256 x 64 fills every tile of every config, with several code tiles."""
     small = [(37, 53, 19, 1), (39, 53, 19, 3)]
     cases = [pytest.param(*shape, *combo.values, id="-".join(map(str, shape)) + "-" + combo.id)
              for shape in small for combo in COMBOS]
-    cases += [pytest.param(150, 97, 64, 3, "tf32x3", True, id="150-97-64-3-tf32x3-deterministic"),
+    cases += [pytest.param(150, 97, 64, 3, "tf32x3", False, id="150-97-64-3-tf32x3-atomic"),
               pytest.param(150, 97, 64, 3, "ieee", False, id="150-97-64-3-ieee-atomic"),
-              pytest.param(256, 256, 64, 1, "tf32x3", False, id="256-256-64-1-tf32x3-atomic")]
+              pytest.param(128, 256, 64, 1, "tf32x3", False, id="128-256-64-1-tf32x3-atomic")]
     return cases
 
 
@@ -185,7 +188,7 @@ def test_matches_brute_force_and_reference(rows, codes, dim, groups, precision, 
     assert torch.all(unused == 0) and torch.all(out.sums.reshape(groups, codes, dim)[:, codes // 2 :] == 0)
 
 
-@pytest.mark.parametrize("precision,deterministic", ALL_COMBOS)
+@pytest.mark.parametrize("precision,deterministic", COMBOS)
 def test_ties_go_to_lowest_index(precision, deterministic, device):
     """Small-integer data: every float32 score is exact, so ties are exact and common."""
     gen = torch.Generator().manual_seed(21)
@@ -210,10 +213,12 @@ def test_ties_go_to_lowest_index(precision, deterministic, device):
 TILE_STRADDLING_DUPLICATES = [(10, 70), (5, 130), (31, 32), (63, 64), (127, 128), (40, 149), (96, 97)]
 
 
-@pytest.mark.parametrize("precision,deterministic", COMBOS)
-def test_ties_across_code_tile_boundaries_go_to_lowest_index(precision, deterministic, device):
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+def test_ties_across_code_tile_boundaries_go_to_lowest_index(precision, device):
     """Exact ties between copies of one code in different code tiles: the lowest index wins, as
-    the first minimum of the float64 distances (the later tile must not replace an equal score)."""
+    the first minimum of the float64 distances (the later tile must not replace an equal score).
+    Atomic statistics only: the mode does not take part in choosing the code, and the deterministic
+    statistics of exact ties are test_ties_go_to_lowest_index's."""
     gen = torch.Generator().manual_seed(140)
     rows, codes, dim = 75, 150, 7  # 150 codes: a ragged last tile of every width
     x = torch.randint(-2, 3, (rows, dim), generator=gen).float()
@@ -223,7 +228,7 @@ def test_ties_across_code_tile_boundaries_go_to_lowest_index(precision, determin
         x[2 * row] = codebook[high]  # rows on the copies: distance 0 to both, ties for sure
         x[2 * row + 1] = codebook[high] + 0.25
     out = fused(x.to(device), codebook.to(device), values=x.flip(0).to(device), stats=True,
-                groups=3, deterministic=deterministic, precision=precision)
+                groups=3, deterministic=False, precision=precision)
     check_exact(out, x, codebook, x.flip(0), 3)
     for row, (low, high) in enumerate(TILE_STRADDLING_DUPLICATES):
         assert out.indices[2 * row] == low and out.indices[2 * row + 1] == low and out.sq_dist[2 * row] == 0
@@ -319,10 +324,11 @@ def test_non_contiguous_and_expanded_inputs(precision, deterministic, device):
         counts, sums = float64_stats(out.indices.cpu(), v64, 1, codebook.shape[0])
         assert torch.equal(out.counts.cpu().double(), counts[0]), name
         torch.testing.assert_close(out.sums.cpu().double(), sums[0], rtol=1e-5, atol=1e-4, msg=name)
-        # the same numbers, contiguous: the same result
-        dense = fused(x.contiguous(), codebook.contiguous(), values=values.contiguous(), stats=True,
-                      deterministic=deterministic, precision=precision)
-        assert torch.equal(out.indices, dense.indices) and torch.equal(out.counts, dense.counts), name
+        # the same numbers, contiguous: the same result (the nearest-code kernel's loads: once, with atomics)
+        if not deterministic:
+            dense = fused(x.contiguous(), codebook.contiguous(), values=values.contiguous(), stats=True,
+                          deterministic=False, precision=precision)
+            assert torch.equal(out.indices, dense.indices) and torch.equal(out.counts, dense.counts), name
 
 
 @pytest.mark.parametrize("precision,deterministic", COMBOS)
@@ -534,8 +540,8 @@ def near_tie_rows(codebook, rows, gen, gaps=(1e-5, 1e-3), pairs=()):
 
 @pytest.mark.parametrize(
     "rows,codes,dim",
-    [(97, 150, 45), (33, 300, 70), (1, 130, 33), (64, 129, 1)],
-    ids=["ragged", "ragged-more-codes", "N1", "D1"],
+    [(97, 150, 45), (1, 130, 33), (64, 129, 1)],
+    ids=["ragged", "N1", "D1"],
 )
 def test_tf32x3_near_ties_where_tf32_flips_the_argmin(rows, codes, dim, device):
     """Near-ties (gaps 1e-5 to 1e-3 of ||x|| ||c||) between code pairs, some straddling 32-, 64- and 128-wide code
