@@ -1,6 +1,6 @@
 """Nearest code and statistics: srcid.ops' reference, and the fused kernels against it and float64 brute force.
 
-Inputs live on the ``device`` fixture (tests/conftest.py): the GPU where CUDA
+Inputs live on the ``device`` fixture (the root conftest.py): the GPU where CUDA
 is present, so the compiled kernels run, else the CPU, where the kernels run in
 Triton's interpreter with 32-wide row, code and dim tiles (the sizes below
 cross those edges and the GPU's 64- and 128-wide ones). Random inputs are drawn
