@@ -9,6 +9,7 @@ PACKAGES = [
     "srcid",
     "srcid.data",
     "srcid.model",
+    "srcid.ops",
     "srcid.train",
     "srcid.eval",
     "srcid.study",

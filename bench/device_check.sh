@@ -39,7 +39,7 @@ declare -A WHAT=(
   [wheels]="$PY -m pip install --no-index --no-deps --target $SITE .whl/*.whl (sdists: DS_BUILD_OPS=0 --no-build-isolation); PYTHONPATH=$SITE (skipped without .whl/)"
   [install]="$PY -m pip install --no-index --no-deps --no-build-isolation -e . (else a sitecustomize alias of srcid.kernels); import srcid.kernels"
   [compile]="env -u TRITON_INTERPRET $PY -m kernels.compile_check --json DIR/compile_check.json (spills reported, compile errors fail)"
-  [tests]="$PY -m pytest -q -rfEs tests/test_kernels_nearest_code.py tests/test_kernels_ema.py tests/test_kernels_club.py tests/test_ops.py tests/test_fused_training_step.py"
+  [tests]="$PY -m pytest -q -rfEs tests/ops/test_nearest_code.py tests/ops/test_ema.py tests/ops/test_club.py tests/ops/test_dispatch.py tests/test_fused_training_step.py"
   [table]="$PY bench/kernel_table.py --out DIR"
   [train]="$PY -m srcid.cli data synth --preset small; $PY launcher/train.py --model srcid $TRAIN_ARGS --quiet (bf16 from launcher/ds_config_gpu.json); clips/s and replica_check"
   [train-2ranks]="$PY -m deepspeed.launcher.runner --num_gpus 2 launcher/train.py (same run on 2 ranks; only with 2+ GPUs)"
@@ -179,8 +179,8 @@ EOF
 
 step_tests() {
   local rc
-  "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_kernels_nearest_code.py tests/test_kernels_ema.py \
-    tests/test_kernels_club.py tests/test_ops.py tests/test_fused_training_step.py 2>&1 | tee "$WORK/pytest.txt"
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/ops/test_nearest_code.py tests/ops/test_ema.py \
+    tests/ops/test_club.py tests/ops/test_dispatch.py tests/test_fused_training_step.py 2>&1 | tee "$WORK/pytest.txt"
   rc=${PIPESTATUS[0]}
   echo "RESULT pytest: $(grep -E 'passed|failed|error' "$WORK/pytest.txt" | tail -n 1)"
   return "$rc"

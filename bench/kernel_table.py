@@ -8,7 +8,7 @@ On CUDA, at the paper's sizes (L = 400 codes, D = 256, 3 groups):
 * one quantizer step (nearest code with statistics for 3 groups, then the EMA
   update) at N = 2400 and 7680 rows: fused (replayed from a CUDA graph, and
   eager), fused with deterministic statistics, the reference, and the naive
-  eager step of ``bench/naive.py`` (dense ``N x L`` distances and one-hot);
+  eager step of ``testing/oracles.py`` (dense ``N x L`` distances and one-hot);
 * CLUB forward + backward of ``mean(positive - negative)``: the fused exact
   all-pairs bound, the reference, the sampled estimator (``club_sample``) and
   the naive ``N x N x D`` form where its pair tensors fit.
@@ -45,20 +45,19 @@ from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for _path in (str(HERE), str(ROOT)):  # bench/naive.py; srcid without an install
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(ROOT) not in sys.path:  # testing.oracles; srcid without an install
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from naive import (  # noqa: E402
+from srcid import ops  # noqa: E402
+from testing.oracles import (  # noqa: E402
     club_all_pairs_bytes,
-    club_all_pairs_naive,
+    club_naive,
     club_sample,
     ema_update_naive,
     nearest_code_naive,
 )
-from srcid import ops  # noqa: E402
 
 GROUPS, DECAY, EPS = 3, 0.99, 1e-5
 NAIVE_TEMPORARIES = 4  # pair tensors alive at once in forward + backward of the naive CLUB form
@@ -320,10 +319,9 @@ def step_fn(path: str, t: StepInputs) -> Callable:
         deterministic = path == "fused-deterministic"
 
         def step():
-            out = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
-                                             deterministic=deterministic)
-            kernels.ema_update_fused_(t.cluster_size, t.embed_sum, t.codebook, out.counts, out.sums,
-                                      decay=DECAY, eps=EPS)
+            _, _, counts, sums = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True,
+                                                            groups=GROUPS, deterministic=deterministic)
+            kernels.ema_update_fused_(t.cluster_size, t.embed_sum, t.codebook, counts, sums, decay=DECAY, eps=EPS)
     elif path == "reference":
 
         def step():
@@ -352,8 +350,8 @@ def step_cost(rows: int, sizes: Sizes):
 def check_nearest_step(t: StepInputs, deterministic: bool) -> str:
     """Fused nearest code + statistics + EMA update against float64 and the reference, on the device."""
     kernels = fused_module()
-    out = kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
-                                     deterministic=deterministic)
+    out = ops.NearestCode(*kernels.nearest_code_fused(t.x, t.codebook, values=t.values, stats=True, groups=GROUPS,
+                                                      deterministic=deterministic))
     x, cb = t.x.double(), t.codebook.double()
     dist = (x * x).sum(1, keepdim=True) + (cb * cb).sum(1)[None] - 2 * x @ cb.t()  # [N, L] float64
     best = dist.min(1).values
@@ -483,7 +481,7 @@ def club_terms(path: str, mu, logvar, y) -> Callable:
         return lambda: ops.club_loglik_reference(mu, logvar, y)[:2]
     if path == "sampled":
         return lambda: club_sample(mu, logvar, y)
-    return lambda: club_all_pairs_naive(mu, logvar, y)
+    return lambda: club_naive(mu, logvar, y)[:2]
 
 
 def club_fn(path: str, mu, logvar, y) -> Callable:
@@ -514,7 +512,8 @@ def check_club(mu, logvar, y) -> None:
         return tuple(terms) + torch.autograd.grad(loss, (mu, logvar, y))
 
     names = ("positive", "negative", "loglik", "d mu", "d logvar", "d y")
-    got, want = run(fused_module().club_loglik_fused), run(ops.club_loglik_reference)
+    got = run(lambda *inputs: ops.ClubLoglik(*fused_module().club_loglik_fused(*inputs)))
+    want = run(ops.club_loglik_reference)
     for name, g, w in zip(names, got, want):
         expect_close(f"CLUB {name}", g, w, 1e-4)
 

@@ -1,14 +1,17 @@
-"""Helpers shared by the kernel modules: tuning configs and input checks."""
+"""Helpers shared by the kernel modules: the interpreter flag and the tuning configs.
+
+The kernels import nothing of :mod:`srcid.ops`: the ops check the inputs and
+call the kernels, never the other way round.
+"""
 from __future__ import annotations
 
+import os
+
 import triton
-import torch
 
-from srcid.errors import SrcidError
-from srcid.ops import interpreter_active
-
-# Read once at import: Triton's interpreter is chosen when triton is imported.
-INTERPRETING = interpreter_active()
+# Read once at import: Triton's interpreter is chosen when triton is imported (``triton.jit`` then gives
+# interpreted functions). The same test as srcid.ops.dispatch.interpreter_active, which reads it per call.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tuning_configs(gpu_configs, interpreter_config):
@@ -25,24 +28,3 @@ def tuning_configs(gpu_configs, interpreter_config):
         num_stages = entry.pop("num_stages", 2)
         configs.append(triton.Config(entry, num_warps=num_warps, num_stages=num_stages))
     return configs
-
-
-def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device that can run Triton; return that device."""
-    devices = {name: t.device for name, t in tensors.items()}
-    first_name, device = next(iter(devices.items()))
-    for name, other in devices.items():
-        if other != device:
-            raise SrcidError(f"{op}: {name} is on {other} but {first_name} is on {device}")
-    if device.type != "cuda" and not INTERPRETING:
-        raise SrcidError(
-            f"{op}: fused kernels need a CUDA device (tensors are on {device.type}); "
-            "set TRITON_INTERPRET=1 before start-up to run them in Triton's interpreter"
-        )
-    return device
-
-
-def check_floating(op: str, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise SrcidError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")

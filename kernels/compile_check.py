@@ -35,6 +35,8 @@ import tempfile
 import time
 from typing import Optional
 
+from ._common import INTERPRETING
+
 ARCHS = (80, 90)  # A100, H100 / H200
 INDEX_POINTERS = {"idx_ptr", "order_ptr", "bounds_ptr"}  # int64 buffers
 INT32_POINTERS = {"path_ptr"}  # every other pointer is float32
@@ -74,9 +76,8 @@ def autotuned_kernels() -> list:
     import triton
 
     from srcid.errors import SrcidError
-    from srcid.ops import interpreter_active
 
-    if interpreter_active():
+    if INTERPRETING:
         raise SrcidError("the compile check needs Triton's compiler: unset TRITON_INTERPRET and run it in a new process")
     found = []
     for module_name in KERNEL_MODULES:

@@ -24,9 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from srcid.errors import SrcidError
-
-from ._common import check_device, tuning_configs
+from ._common import tuning_configs
 
 _SIZE_CONFIGS = tuning_configs(
     [{"BLOCK_L": 512, "num_warps": 4}, {"BLOCK_L": 1024, "num_warps": 4}, {"BLOCK_L": 2048, "num_warps": 8}],
@@ -95,30 +93,14 @@ def ema_update_fused_(cluster_size, embed_sum, codebook, counts, sums, *, decay:
     """Fused :func:`srcid.ops.ema_update_reference`: in place, two launches, no host sync.
 
     ``counts`` is ``[L]`` or ``[G, L]``, ``sums`` ``[L, D]`` or ``[G, L, D]``
-    (float32); groups apply in order.
+    (float32); groups apply in order. Computes only: :func:`srcid.ops.ema_update_`
+    checks the inputs first (shapes, float32, one device).
     """
-    op = "ema_update"
-    if codebook.dim() != 2:
-        raise SrcidError(f"{op}: codebook {tuple(codebook.shape)} must be [L, D]")
     num_codes, dim = codebook.shape
-    if cluster_size.shape != (num_codes,) or embed_sum.shape != (num_codes, dim):
-        raise SrcidError(
-            f"{op}: cluster_size {tuple(cluster_size.shape)} and embed_sum {tuple(embed_sum.shape)} "
-            f"must be [{num_codes}] and [{num_codes}, {dim}] for codebook {tuple(codebook.shape)}"
-        )
-    given = f"counts {tuple(counts.shape)} and sums {tuple(sums.shape)}"
-    if counts.dim() == 1 and sums.dim() == 2:
+    if counts.dim() == 1:
         counts, sums = counts[None], sums[None]
-    groups = counts.shape[0] if counts.dim() == 2 else -1
-    if counts.shape != (groups, num_codes) or sums.shape != (groups, num_codes, dim):
-        raise SrcidError(
-            f"{op}: {given} must be [L] and [L, D] or [G, L] and [G, L, D] with L={num_codes}, D={dim}"
-        )
-    for name, t in (("cluster_size", cluster_size), ("embed_sum", embed_sum), ("codebook", codebook),
-                    ("counts", counts), ("sums", sums)):
-        if t.dtype != torch.float32:
-            raise SrcidError(f"{op}: {name} must be float32, got {t.dtype}")
-    device = check_device(op, codebook=codebook, cluster_size=cluster_size, embed_sum=embed_sum, counts=counts, sums=sums)
+    groups = counts.shape[0]
+    device = codebook.device
     if num_codes == 0 or groups == 0:
         return
 

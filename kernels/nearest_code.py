@@ -63,9 +63,8 @@ import triton
 import triton.language as tl
 
 from srcid.errors import SrcidError
-from srcid.ops import NearestCode
 
-from ._common import check_device, check_floating, tuning_configs
+from ._common import tuning_configs
 
 PRECISIONS = ("ieee", "tf32x3")
 DEFAULT_PRECISION = "tf32x3"
@@ -466,39 +465,31 @@ def nearest_precision() -> str:
 
 
 def nearest_code_fused(x, codebook, *, values=None, stats=False, groups=1, deterministic: Optional[bool] = None,
-                       precision: Optional[str] = None) -> NearestCode:
-    """Fused :func:`srcid.ops.nearest_code_reference` (same arguments and results).
+                       precision: Optional[str] = None) -> tuple:
+    """Fused :func:`srcid.ops.nearest_code_reference`: the same arguments, the same results as a plain tuple
+    ``(indices, sq_dist, counts, sums)`` (:func:`srcid.ops.nearest_code` names them ``NearestCode``).
 
-    ``deterministic`` picks the statistics' accumulation mode; ``None`` follows
-    :func:`deterministic_stats`. ``precision`` (``"ieee"`` or ``"tf32x3"``) picks how
-    the scores are computed; ``None`` follows :func:`nearest_precision`. Both return
-    the first minimum of float32 scores.
+    Computes only: :func:`srcid.ops.nearest_code` checks the inputs first (shapes, groups, at least one code, one
+    device, floating point). ``deterministic`` picks the statistics' accumulation mode; ``None`` follows
+    :func:`deterministic_stats`. ``precision`` (``"ieee"`` or ``"tf32x3"``) picks how the scores are computed;
+    ``None`` follows :func:`nearest_precision`. Both return the first minimum of float32 scores.
     """
     return _nearest_code(x, codebook, values=values, stats=stats, groups=groups, deterministic=deterministic,
                          precision=precision)
 
 
 def _nearest_code(x, codebook, *, values=None, stats=False, groups=1, deterministic=None, precision=None,
-                  row_paths: Optional[torch.Tensor] = None) -> NearestCode:
+                  row_paths: Optional[torch.Tensor] = None) -> tuple:
     """:func:`nearest_code_fused`. ``row_paths`` (int32 ``[N]``, tf32x3 only; a diagnostic for tests and
     benchmarks) receives how each row was decided: 0 one candidate (its float32 score gives ``sq_dist``),
     1 two candidates rescored in float32, 2 the IEEE sweep over all codes (with the whole row tile)."""
     op = "nearest_code"
-    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
-        raise SrcidError(f"{op}: x {tuple(x.shape)} and codebook {tuple(codebook.shape)} must be [N, D] and [L, D]")
-    if values is not None and values.shape != x.shape:
-        raise SrcidError(f"{op}: values {tuple(values.shape)} must have the shape of x {tuple(x.shape)}")
-    if groups < 1 or x.shape[0] % groups:
-        raise SrcidError(f"{op}: {x.shape[0]} rows cannot be split into {groups} equal groups")
-    if codebook.shape[0] == 0:
-        raise SrcidError(f"{op}: the codebook {tuple(codebook.shape)} has no codes")
     if precision is None:
         precision = nearest_precision()
     elif precision not in PRECISIONS:
         raise SrcidError(f"{op}: precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     src = x if values is None else values
-    device = check_device(op, x=x, codebook=codebook, values=src)
-    check_floating(op, x=x, codebook=codebook, values=src)
+    device = x.device
 
     n, d = x.shape
     num_codes = codebook.shape[0]
@@ -557,10 +548,10 @@ def _segment_stats(indices, src, counts, sums, groups, num_codes, rows_per_group
     _segment_sum_kernel[grid](src, order, bounds, counts, sums, num_slots, d, src.stride(0), src.stride(1))
 
 
-def _shaped(indices, sq_dist, counts, sums, groups, num_codes) -> NearestCode:
+def _shaped(indices, sq_dist, counts, sums, groups, num_codes) -> tuple:
     if counts is not None:
         if groups == 1:
             counts, sums = counts.view(num_codes), sums.view(num_codes, -1)
         else:
             counts, sums = counts.view(groups, num_codes), sums.view(groups, num_codes, -1)
-    return NearestCode(indices, sq_dist, counts, sums)
+    return indices, sq_dist, counts, sums

@@ -1,28 +1,13 @@
 """Test-wide setup.
 
-Without a GPU the Triton kernels run in Triton's interpreter, which must be
-switched on before any kernel module is imported. The kernel tests build
-their inputs on ``DEVICE`` (the ``device`` fixture): the GPU where CUDA is
-present, so the compiled kernels run there, else the CPU and the interpreter.
+The repository root's conftest.py, shared with the benchmarks, comes first:
+Triton's interpreter without a GPU, DeepSpeed's accelerator, and the
+``device`` and ``cuda_device`` fixtures of the kernel tests (tests/ops/conftest.py
+has the rest of theirs).
 """
-import contextlib
 import os
 
-try:
-    import torch
-
-    _cuda = torch.cuda.is_available()
-except ImportError:  # pragma: no cover
-    _cuda = False
-if not _cuda:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda else "cuda")
-
-# Where the kernel tests put their inputs (float64 references may still run on CPU copies).
-DEVICE = "cuda" if _cuda else "cpu"
-
-
-import pytest  # noqa: E402
+import pytest
 
 
 # Variables of a distributed launch. DeepSpeed writes them into os.environ when a test trains in this process, and
@@ -66,39 +51,3 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     synthesize("tiny", out, seed=0, progress=False)
     return out
-
-
-@pytest.fixture(scope="session")
-def device():
-    """The device the kernel tests run on: ``cuda`` (compiled kernels) when available, else ``cpu`` (interpreter)."""
-    import torch
-
-    return torch.device(DEVICE)
-
-
-@pytest.fixture(scope="session")
-def cuda_device():
-    """The GPU, for tests of the compiled kernels only (autotune configs, bf16 at paper sizes, CUDA graphs)."""
-    if DEVICE != "cuda":
-        pytest.skip("needs a CUDA device: checks the compiled kernels (no GPU here; the interpreter runs the rest)")
-    import torch
-
-    return torch.device("cuda")
-
-
-@contextlib.contextmanager
-def _only_config(tuner, config):
-    saved = tuner.configs
-    tuner.configs = [config]  # one config: the autotuner launches it without benchmarking
-    tuner.cache.clear()
-    try:
-        yield config
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()
-
-
-@pytest.fixture(scope="session")
-def forced_config():
-    """``with forced_config(autotuner, config):`` every launch of that kernel uses ``config`` alone."""
-    return _only_config

@@ -156,7 +156,7 @@ def test_device_check_dry_run(tmp_path):
     assert steps == STEPS
     assert f"into {tmp_path / 'device_check'}" in text
     for command in ("kernels.compile_check --json", "bench/kernel_table.py --out", "--kernels fused",
-                    "tests/test_kernels_club.py", "deepspeed.launcher.runner --num_gpus 2"):
+                    "tests/ops/test_club.py", "deepspeed.launcher.runner --num_gpus 2"):
         assert command in text
     steps, _ = dry_run(tmp_path, DEVICE_CHECK_STEPS="install table")
     assert steps == ["install", "table"]

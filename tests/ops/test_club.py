@@ -1,4 +1,5 @@
-"""The fused CLUB kernels against the naive all-pairs formula in float64 and srcid.ops' reference.
+"""CLUB log-likelihoods: srcid.ops' reference, and the fused kernels, against the naive all-pairs formula in
+float64 (and the fused kernels against the reference).
 
 Inputs live on the ``device`` fixture (the GPU where CUDA is present, else the
 CPU under Triton's interpreter); float64 leaves stay on the CPU, so the
@@ -14,17 +15,13 @@ import torch
 
 from srcid import ops
 from srcid.errors import SrcidError
-from srcid.kernels import club_loglik_fused
 from srcid.kernels import club as club_module
+from testing.oracles import club_naive
 
 
-def club_naive(mu, logvar, y):
-    """All N x N pairs materialised: negative[i] = mean_j sum_d -(y_j - mu_i)^2 / (2 exp(logvar_i))."""
-    inv_var = torch.exp(-logvar)
-    positive = -0.5 * ((y - mu) ** 2 * inv_var).sum(-1)
-    pairs = y.unsqueeze(-3) - mu.unsqueeze(-2)  # [..., i, j, D] = y_j - mu_i
-    negative = (-0.5 * pairs**2 * inv_var.unsqueeze(-2)).sum(-1).mean(-1)
-    return positive, negative, positive - 0.5 * logvar.sum(-1)
+def club_fused(mu, logvar, y) -> ops.ClubLoglik:
+    """The fused path through its op (inputs checked, then the kernels), whatever ``SRCID_KERNELS`` says."""
+    return ops.club_loglik(mu, logvar, y, impl="fused")
 
 
 def inputs64(shape, seed):
@@ -55,10 +52,44 @@ def random_weights(shape, seed):
     return [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
 
 
-@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 37, 19), (2, 300, 24), (1, 530, 8)])
+# -- the PyTorch reference against float64 ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 23, 11), (1, 64, 40)])
+def test_club_reference_matches_all_pairs(shape):
+    mu, logvar, y = inputs64(shape, seed=sum(shape))
+    got = ops.club_loglik_reference(mu, logvar, y)
+    want = club_naive(mu, logvar, y)
+    for g, w in zip(got, want):
+        assert g.shape == shape[:-1]
+        rel = ((g - w).abs().max() / w.abs().max()).item()
+        assert rel < 1e-9
+    weights = [torch.randn(shape[:-1], dtype=torch.float64) for _ in range(3)]
+    grads_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (mu, logvar, y))
+    grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (mu, logvar, y))
+    for g, w in zip(grads_got, grads_want):
+        assert ((g - w).abs().max() / w.abs().max()).item() < 1e-9
+
+
+def test_club_reference_gradcheck():
+    inputs = inputs64((2, 5, 3), seed=7)
+    assert torch.autograd.gradcheck(lambda *t: tuple(ops.club_loglik_reference(*t)), inputs)
+
+
+def test_club_rejects_mismatched_shapes():
+    with pytest.raises(SrcidError, match="one shape"):
+        ops.club_loglik(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(SrcidError, match="one shape"):
+        ops.club_loglik(torch.zeros(3), torch.zeros(3), torch.zeros(3))
+
+
+# -- the fused kernels ------------------------------------------------------------------------------------------------
+
+# (2, 289, 24): two row splits of the column reductions (145 and 144 rows, neither a multiple of the tiles) for
+# each of two batch indices
+@pytest.mark.parametrize("shape", [(37, 19), (3, 2, 37, 19), (2, 289, 24)])
 def test_values_and_gradients_match_float64(shape, device):
     leaves = inputs64(shape, seed=sum(shape))
-    fused = club_loglik_fused(*on(device, leaves))
+    fused = club_fused(*on(device, leaves))
     want = club_naive(*leaves)
     for got, w in zip(fused, want):
         assert got.shape == shape[:-1] and got.dtype == torch.float32 and got.device.type == device.type
@@ -75,7 +106,7 @@ def test_values_and_gradients_match_float64(shape, device):
 def test_single_row_batches(shape, device):
     """N = 1: the only pair is (i, i), so negative equals positive; gradients as float64 autograd."""
     leaves = inputs64(shape, seed=100 + sum(shape))
-    fused = club_loglik_fused(*on(device, leaves))
+    fused = club_fused(*on(device, leaves))
     want = club_naive(*leaves)
     for got, w in zip(fused, want):
         assert got.shape == shape[:-1]
@@ -89,13 +120,13 @@ def test_single_row_batches(shape, device):
 def test_training_loss_gradient(device):
     """The MI loss uses positive and negative only: broadcast (stride-0) upstream gradients."""
     leaves = inputs64((2, 3, 45, 21), seed=3)
-    fused = club_loglik_fused(*on(device, leaves))
+    fused = club_fused(*on(device, leaves))
     want = club_naive(*leaves)
     got_grads = torch.autograd.grad((fused.positive - fused.negative).mean(), leaves)
     want_grads = torch.autograd.grad((want[0] - want[1]).mean(), leaves)
     for got, w in zip(got_grads, want_grads):
         assert rel_err(got, w) < 2e-5
-    loglik_grads = torch.autograd.grad(club_loglik_fused(*on(device, leaves)).loglik.sum(), leaves)
+    loglik_grads = torch.autograd.grad(club_fused(*on(device, leaves)).loglik.sum(), leaves)
     want_ll = torch.autograd.grad(club_naive(*leaves)[2].sum(), leaves)
     for got, w in zip(loglik_grads, want_ll):
         assert rel_err(got, w) < 2e-5
@@ -112,7 +143,7 @@ def test_row_splits_of_the_column_reductions():
 def test_half_precision_inputs(dtype, device):
     leaves = inputs64((2, 40, 24), seed=9)
     low = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in leaves]
-    fused = club_loglik_fused(*low)
+    fused = club_fused(*low)
     exact = [t.detach().to(dtype).double().requires_grad_() for t in leaves]
     want = club_naive(*exact)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
@@ -151,7 +182,7 @@ def test_sliced_and_expanded_inputs(device):
 
     mu, logvar, y = views(*on(device, leaves))
     assert not mu.is_contiguous() and logvar.stride()[:2] == (0, 0) and y.stride(0) == 0
-    fused = club_loglik_fused(mu, logvar, y)
+    fused = club_fused(mu, logvar, y)
     want = club_naive(*views(*leaves))
     for got, w in zip(fused, want):
         assert got.shape == (batch, n) and rel_err(got, w) < 2e-6
@@ -163,7 +194,7 @@ def test_sliced_and_expanded_inputs(device):
 def test_only_some_inputs_need_gradients(device):
     mu, logvar, y = inputs64((30, 12), seed=4)
     y_fixed = y.detach().float().to(device)
-    fused = club_loglik_fused(mu.float().to(device), logvar.float().to(device), y_fixed)
+    fused = club_fused(mu.float().to(device), logvar.float().to(device), y_fixed)
     want = club_naive(mu, logvar, y.detach())
     got = torch.autograd.grad(fused.negative.sum(), (mu, logvar))
     expected = torch.autograd.grad(want[1].sum(), (mu, logvar))
@@ -175,12 +206,12 @@ def test_empty_and_bad_inputs(device):
     def zeros(*shape, dtype=torch.float32):
         return torch.zeros(*shape, dtype=dtype, device=device)
 
-    out = club_loglik_fused(zeros(3, 0, 4), zeros(3, 0, 4), zeros(3, 0, 4))
+    out = club_fused(zeros(3, 0, 4), zeros(3, 0, 4), zeros(3, 0, 4))
     assert out.positive.shape == (3, 0) and out.loglik.shape == (3, 0)
     with pytest.raises(SrcidError, match=r"mu \(4, 3\), logvar \(4, 3\) and y \(5, 3\)"):
-        club_loglik_fused(zeros(4, 3), zeros(4, 3), zeros(5, 3))
+        club_fused(zeros(4, 3), zeros(4, 3), zeros(5, 3))
     with pytest.raises(SrcidError, match="floating-point"):
-        club_loglik_fused(zeros(4, 3), zeros(4, 3), zeros(4, 3, dtype=torch.int32))
+        club_fused(zeros(4, 3), zeros(4, 3), zeros(4, 3, dtype=torch.int32))
 
 
 def test_large_common_offset_keeps_float32_accuracy(device):
@@ -189,7 +220,7 @@ def test_large_common_offset_keeps_float32_accuracy(device):
     offset = torch.linspace(-300.0, 500.0, 16, dtype=torch.float64)
     leaves[0] = (leaves[0].detach() + offset).float().double().requires_grad_()
     leaves[2] = (leaves[2].detach() + offset).float().double().requires_grad_()
-    fused = club_loglik_fused(*on(device, leaves))
+    fused = club_fused(*on(device, leaves))
     want = club_naive(*leaves)
     for got, w in zip(fused, want):
         assert rel_err(got, w) < 1e-5
@@ -209,7 +240,7 @@ def test_offset_of_1e4_in_y_and_mu_against_float64_pairs(device):
     y = (torch.randn(batch, n, dim, generator=gen, dtype=torch.float64) * 1.2 + 0.1 + shift).float().double()
     logvar = (torch.randn(batch, n, dim, generator=gen, dtype=torch.float64) * 0.5).float().double()
     leaves = [t.requires_grad_() for t in (mu, logvar, y)]
-    fused = club_loglik_fused(*on(device, leaves))
+    fused = club_fused(*on(device, leaves))
 
     inv_var = torch.exp(-logvar)
     positive = -0.5 * ((y - mu) ** 2 * inv_var).sum(-1)
@@ -276,7 +307,7 @@ def test_every_gpu_config_of_the_club_kernels_at_paper_sizes(kernel, config_inde
         for shape in PAPER_SHAPES:
             inputs, weights, (want, want_grads) = _paper_case(shape, cuda_device.type)
             leaves = [t.clone().requires_grad_() for t in inputs]
-            fused = club_loglik_fused(*leaves)
+            fused = club_fused(*leaves)
             for got, w in zip(fused, want):
                 assert rel_err(got, w) < 1e-5, shape
             for got, w in zip(grads(fused, weights, leaves), want_grads):
@@ -290,7 +321,7 @@ def test_bfloat16_inputs_at_paper_size(cuda_device):
     low = [t.to(device=cuda_device, dtype=torch.bfloat16).requires_grad_() for t in leaves]
     # upstream gradients reach the kernels in bfloat16: weights on the bfloat16 grid keep them exact
     weights = [w.to(torch.bfloat16).double() for w in random_weights(shape[:-1], seed=9)]
-    fused = club_loglik_fused(*low)
+    fused = club_fused(*low)
     # float64 of the bfloat16 numbers themselves; the outputs are rounded to bfloat16 (2^-9 relative)
     want, want_grads = club_pairs_float64(*(t.detach() for t in low), weights)
     for got, w in zip(fused, want):
