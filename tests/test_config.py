@@ -62,7 +62,7 @@ def test_absent_keys_get_the_value_the_saved_file_meant():
 def test_a_run_config_saved_before_the_relative_trigger_keeps_the_absolute_one(tmp_path):
     import json
 
-    from srcid.train.trainer import default_run_config, load_run_config
+    from srcid.run import default_run_config, load_run_config
 
     config = default_run_config("srcid", "tiny")
     data = to_dict(config)

@@ -20,7 +20,8 @@ from srcid.data.manifest import load_manifest
 from srcid.errors import SrcidError
 from srcid.model import build_model_from_manifest, model_config
 from srcid.model.export import export_model
-from srcid.train.trainer import RUN_CONFIG_FILE, prepare_run_dir
+from srcid.run import RUN_CONFIG_FILE
+from srcid.train.trainer import prepare_run_dir
 from helpers_training import train_in_process as train
 
 TRAIN_ARGS = ["--model", "srcid", "--preset", "tiny", "--max-steps", "2", "--quiet", "--set", "batch_size=8",

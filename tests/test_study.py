@@ -19,7 +19,7 @@ from srcid.errors import SrcidError
 from srcid.study.grid import (CLUB_LAYER_KEYS, PLANS, build_grid, codebook_sizes, matches, select, train_seed_list,
                               with_train_seeds)
 from srcid.study.runner import error_line, read_eval
-from srcid.train.trainer import LAUNCHER_DIR, default_run_config
+from srcid.run import TRAINER_MODULE, default_run_config
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
 TINY_SIZES = [16, 32, 64]  # the tiny preset's codebook size 32 times 0.5, 1, 2
@@ -244,7 +244,7 @@ def test_only_a_subset_with_a_resumed_and_a_failing_cell(full, tmp_path):
     # dcid-fsq was interrupted after 3 of its 8 steps: it is resumed from the checkpoint.
     fsq_run = out / "cells" / "dcid-fsq" / "run"
     pre = subprocess.run(
-        [sys.executable, str(LAUNCHER_DIR / "train.py"), "--model", "dcid-fsq", "--preset", "tiny",
+        [sys.executable, "-m", TRAINER_MODULE, "--model", "dcid-fsq", "--preset", "tiny",
          "--data", str(data / "pretrain"), "--out", str(fsq_run), "--epochs", "4", "--quiet", "--max-steps", "3",
          "--set", "batch_size=80", "--set", "log_every=1"],
         env=ENV, capture_output=True, text=True, timeout=300)
@@ -482,7 +482,7 @@ def test_commands_for_several_processes_and_kernels(tmp_path):
     cell = {c.name: c for c in build_grid(PLANS["small"], 128, [])}["srcid-codebook-64"]
     command = train_command(cell, settings, tmp_path / "run", resume=True)
     assert Path(command[0]).name == "deepspeed" and command[1:3] == ["--num_gpus", "4"]
-    assert command[5] == str(LAUNCHER_DIR / "train.py")
+    assert command[5:7] == ["--module", TRAINER_MODULE]  # the installed trainer: no checkout needed
     joined = " ".join(command)
     assert "--model srcid --preset small" in joined and f"--data {tmp_path / 'data' / 'pretrain'}" in joined
     assert "--epochs 20" in joined and "--max-steps" not in joined and joined.endswith("--kernels reference --resume")

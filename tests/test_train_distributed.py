@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from srcid.run import default_ds_config
+
 REPO = Path(__file__).resolve().parents[1]
-CPU_CONFIG = REPO / "launcher" / "ds_config_cpu.json"
-GPU_CONFIG = REPO / "launcher" / "ds_config_gpu.json"
+CPU_CONFIG = default_ds_config("cpu")
+GPU_CONFIG = default_ds_config("cuda")
 SUM_SIZES = (1, 7, 1000)
 LR = 4e-4
 CLIP = 0.5
@@ -357,7 +359,7 @@ def test_configs_are_valid_deepspeed_configs():
     with pytest.raises(SrcidError, match="ZeRO stage"):
         load_ds_config(CPU_CONFIG, zero_stage=3)
     with pytest.raises(SrcidError, match="not found"):
-        load_ds_config(REPO / "launcher" / "missing.json")
+        load_ds_config(REPO / "missing.json")
 
 
 def test_in_process_argument_errors(monkeypatch):

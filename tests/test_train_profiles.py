@@ -2,7 +2,7 @@
 import pytest
 
 from srcid.errors import SrcidError
-from srcid.train.trainer import PROFILES, build_parser, resolve_config
+from srcid.run import PROFILES, build_parser, resolve_config
 
 
 def resolve(tmp_path, *items):

@@ -21,8 +21,8 @@ import re
 from typing import Optional
 
 from srcid.errors import SrcidError
+from srcid.run import DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS
 
-PRESETS = ("tiny", "small", "paper")
 CODEBOOK_KEY = "model.quantizer.codebook_size"
 # Per-layer factors on the CLUB MI loss weight (the effective weight of layer k is weights.mi x this factor).
 CLUB_LAYER_KEYS = {1: "model.weights.mi_layer1", 2: "model.weights.mi_layer2"}
@@ -36,7 +36,6 @@ QUANTIZER_BASELINES = (
     ("dcid-rvq4", "dcid-rvq4", "DCID(RVQ-4)"),
 )
 CLUB_SETTINGS = {"both": "CLUB in both layers", 1: "no CLUB in layer 1", 2: "no CLUB in layer 2"}
-DEFAULT_TRAIN_SEED = 43  # the trainer's default seed: the cells without a -seed<S> suffix
 TRAIN_SEED_KEYS = ("seed", "model.seed")  # what a training seed sets: weights, data order, the model's own draws
 
 
@@ -48,24 +47,25 @@ class Plan:
     epochs: int  # epochs over the pretraining split
     max_steps: Optional[int]  # optimizer steps, when it stops before the epochs run out
     log_every: int  # steps between metric rows (the MI curves' resolution)
-    global_batch: int  # clips per optimizer step over all processes (the paper's 80)
     seeds: int  # head seeds per evaluation
     epochs_cls: int  # classification head epochs
     epochs_loc: int  # localization head epochs
     codebook_factors: tuple  # Fig. 3 sizes, as multiples of the preset's codebook size
+    # clips per optimizer step over all processes: the trainer's default batch (the paper's), whatever the processes
+    global_batch: int = DEFAULT_BATCH_SIZE
 
 
 PLANS = {
     # Test-suite smoke run: 8 steps (224 clips, batch 80: 2 steps per epoch), so the
     # warm-start fallback (epoch 3, step 6) happens inside the run.
-    "tiny": Plan("tiny", epochs=4, max_steps=8, log_every=1, global_batch=80, seeds=1, epochs_cls=2, epochs_loc=2,
+    "tiny": Plan("tiny", epochs=4, max_steps=8, log_every=1, seeds=1, epochs_cls=2, epochs_loc=2,
                  codebook_factors=(0.5, 1.0, 2.0)),
     # About 80 minutes on 2 CPU cores (docs/STUDY.md has the arithmetic): 20 epochs = 900 steps per cell.
-    "small": Plan("small", epochs=20, max_steps=None, log_every=10, global_batch=80, seeds=3, epochs_cls=30,
-                  epochs_loc=50, codebook_factors=(0.25, 0.5, 1.0, 1.5, 2.0)),
+    "small": Plan("small", epochs=20, max_steps=None, log_every=10, seeds=3, epochs_cls=30, epochs_loc=50,
+                  codebook_factors=(0.25, 0.5, 1.0, 1.5, 2.0)),
     # The paper's schedule: 6 epochs, batch 80, heads 30/50 epochs.
-    "paper": Plan("paper", epochs=6, max_steps=None, log_every=10, global_batch=80, seeds=3, epochs_cls=30,
-                  epochs_loc=50, codebook_factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
+    "paper": Plan("paper", epochs=6, max_steps=None, log_every=10, seeds=3, epochs_cls=30, epochs_loc=50,
+                  codebook_factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
 }
 
 
@@ -81,7 +81,7 @@ class Cell:
     codebook_size: int = 0
     club: object = "both"  # "both", or the layer (1 or 2) whose CLUB loss is off
     unavailable: Optional[str] = None  # why this version cannot train it
-    train_seed: int = DEFAULT_TRAIN_SEED
+    train_seed: int = DEFAULT_SEED
     base: str = ""  # the cell this one repeats with another training seed ("": itself)
 
     @property
@@ -127,8 +127,8 @@ def build_grid(plan: Plan, default_size: int, config_keys) -> list:
 
 
 def train_seed_list(count: int) -> list:
-    """``count`` training seeds: the trainer's default (43), then 1, 2, ..."""
-    return [DEFAULT_TRAIN_SEED] + list(range(1, count))
+    """``count`` training seeds: the trainer's default (:data:`srcid.run.DEFAULT_SEED`), then 1, 2, ..."""
+    return [DEFAULT_SEED] + list(range(1, count))
 
 
 def with_train_seeds(cells: list, seeds: list) -> list:

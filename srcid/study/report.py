@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from srcid.files import write_atomic, write_json_atomic
+from srcid.run import METRICS_CSV, RUN_CONFIG_FILE
 from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
 from srcid.study.runner import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
 
@@ -211,7 +212,7 @@ def mi_curves(run_dir: Path) -> Optional[dict]:
     """Per layer, the CLUB MI estimate (mean over modalities) against the step, and the warm-start switch."""
     from srcid.train.metrics_log import read_events, read_metrics
 
-    if not (run_dir / "metrics.csv").is_file():
+    if not (run_dir / METRICS_CSV).is_file():
         return None
     series = read_metrics(run_dir)
     layers = {}
@@ -227,7 +228,7 @@ def mi_curves(run_dir: Path) -> Optional[dict]:
     switch = next((e for e in read_events(run_dir) if e["name"] == "warm_start_switch"), None)
     threshold = None
     try:
-        config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
+        config = json.loads((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         if config["warm_start"]["mode"] == "mi":
             threshold = float(config["warm_start"]["mi_threshold"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -395,7 +396,7 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         lines.append(f"No metrics yet from the `{MI_CELL}` cell.")
     else:
         switch = curves["switch"]
-        lines.append(f"From `{curves['run_dir']}/metrics.csv` (mean over modalities). "
+        lines.append(f"From `{curves['run_dir']}/{METRICS_CSV}` (mean over modalities). "
                      + ("Layer 2 did not switch on." if switch is None else
                         f"Layer 2 switched on at step {switch['step']}: {switch['info'].get('reason', '')}."))
     lines += ["", f"![MI curves]({PLOT_FILES['mi_curves']})", "", "## Collapse check", ""]

@@ -38,12 +38,12 @@ from typing import Callable, Optional
 
 from srcid.errors import SrcidError
 from srcid.files import write_json_atomic
-from srcid.study.grid import DEFAULT_TRAIN_SEED, Cell, Plan
+from srcid.run import DEFAULT_SEED, METRICS_CSV, MODEL_FILE, RUN_CONFIG_FILE, train_command as trainer_command
+from srcid.study.grid import Cell, Plan
 
 CELLS_DIR = "cells"
 RECORD_FILE = "cell.json"
 RUN_DIR = "run"
-MODEL_FILE = "model.safetensors"
 SYNTH_SEED = 0
 
 
@@ -107,7 +107,7 @@ class Settings:
     processes: int
     kernels: Optional[str]
     command: str
-    train_seeds: list = dataclasses.field(default_factory=lambda: [DEFAULT_TRAIN_SEED])  # every cell's, in order
+    train_seeds: list = dataclasses.field(default_factory=lambda: [DEFAULT_SEED])  # every cell's, in order
     overrides: list = dataclasses.field(default_factory=list)  # --set items for every cell, before the cell's own
 
     @property
@@ -193,36 +193,12 @@ def train_spec(cell: Cell, settings: Settings) -> dict:
     }
 
 
-def _deepspeed_launcher() -> str:
-    beside = Path(sys.executable).parent / "deepspeed"
-    found = str(beside) if beside.is_file() else shutil.which("deepspeed")
-    if not found:
-        raise SrcidError("--processes > 1 needs the deepspeed launcher, found neither beside python nor on PATH")
-    return found
-
-
 def train_command(cell: Cell, settings: Settings, run_dir: Path, *, resume: bool) -> list:
     """The trainer's command line for ``cell`` (``deepspeed --num_gpus N`` for several processes)."""
-    from srcid.train.distributed import free_port
-    from srcid.train.trainer import LAUNCHER_DIR
-
-    launcher = str(LAUNCHER_DIR / "train.py")
-    if settings.processes == 1:
-        head = [sys.executable, launcher]
-    else:
-        head = [_deepspeed_launcher(), "--num_gpus", str(settings.processes), "--master_port", str(free_port()),
-                launcher]
-    command = head + ["--model", cell.variant, "--preset", settings.preset, "--data", str(settings.data / "pretrain"),
-                      "--out", str(run_dir), "--epochs", str(settings.plan.epochs), "--quiet"]
-    if settings.steps_limit is not None:
-        command += ["--max-steps", str(settings.steps_limit)]
-    for item in train_overrides(cell, settings):
-        command += ["--set", item]
-    if settings.kernels:
-        command += ["--kernels", settings.kernels]
-    if resume:
-        command.append("--resume")
-    return command
+    return trainer_command(settings.processes, variant=cell.variant, preset=settings.preset,
+                           data=settings.data / "pretrain", out=run_dir, epochs=settings.plan.epochs,
+                           max_steps=settings.steps_limit, overrides=train_overrides(cell, settings),
+                           kernels=settings.kernels, resume=resume, quiet=True)
 
 
 def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> list:
@@ -340,7 +316,7 @@ def cell_status(cell: Cell, settings: Settings) -> str:
         return "finished"
     files = CellFiles(settings.out, cell)
     record = read_record(files)
-    if record.get("train") not in (None, train_spec(cell, settings)) and (files.run / "run_config.json").is_file():
+    if record.get("train") not in (None, train_spec(cell, settings)) and (files.run / RUN_CONFIG_FILE).is_file():
         return "stale"
     if record.get("failure"):
         return "failed"
@@ -356,7 +332,7 @@ def check_settings_unchanged(cells: list, settings: Settings) -> None:
         files = CellFiles(settings.out, cell)
         record = read_record(files)
         spec = train_spec(cell, settings)
-        if record.get("train") not in (None, spec) and (files.run / "run_config.json").is_file():
+        if record.get("train") not in (None, spec) and (files.run / RUN_CONFIG_FILE).is_file():
             diff = [k for k in spec if record["train"].get(k) != spec[k]]
             changed.append(f"{cell.name} ({', '.join(diff)})")
     if changed:
@@ -366,7 +342,6 @@ def check_settings_unchanged(cells: list, settings: Settings) -> None:
 
 def _checkpoint_to_resume(run_dir: Path) -> bool:
     from srcid.train.checkpoint import CheckpointManager
-    from srcid.train.trainer import RUN_CONFIG_FILE
 
     return (run_dir / RUN_CONFIG_FILE).is_file() and CheckpointManager(run_dir).latest() is not None
 
@@ -510,7 +485,7 @@ class Runner:
             write_record(files, record)
             self.say(f"{prefix}: {'resuming' if resume else 'training'} {cell.label} ({steps} steps) ...")
             code, seconds = run_logged(command, files.train_log, self.env, append=resume, steps=steps,
-                                       metrics_csv=files.run / "metrics.csv", desc=cell.name)
+                                       metrics_csv=files.run / METRICS_CSV, desc=cell.name)
             record["seconds"]["train"] = record["seconds"].get("train", 0.0) + seconds if resume else seconds
             if code != 0:
                 return fail("training", code, files.train_log)

@@ -42,11 +42,10 @@ import torch
 
 from srcid.errors import CorruptFileError, SrcidError
 from srcid.files import fsync_path, write_atomic
+from srcid.run import CHECKPOINTS_DIR
 
-CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
-TRAIN_STATE_FILE = "train_state.json"
 ENGINE_TAG = "engine"
 _FINAL_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"

@@ -383,7 +383,7 @@ def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int
                    gradient_accumulation_steps: int | None = None) -> dict:
     """Read a DeepSpeed JSON config and apply the run's overrides.
 
-    ``launcher/ds_config_cpu.json`` (fp32) and ``launcher/ds_config_gpu.json``
+    ``srcid/train/ds_config_cpu.json`` (fp32) and ``srcid/train/ds_config_gpu.json``
     (bf16): Adam lr 4e-4 built by DeepSpeed as ``torch.optim.Adam``
     (``torch_adam``: nothing to compile; ``adam_w_mode`` false: DeepSpeed's
     "Adam" otherwise means AdamW), gradient clipping 0.5, ZeRO stage 0.
