@@ -104,7 +104,7 @@ def worker_collectives(out_dir):
     report["failed_ranks"] = D.failed_ranks(rank == 1)
     report["stages"] = {}
     for stage in (0, 1, 2):
-        config = D.load_ds_config(CPU_CONFIG, zero_stage=stage, micro_batch_size=4)
+        config = D.load_ds_config(CPU_CONFIG, zero_stage=stage, micro_batch_size=4, lr=LR, grad_clip=CLIP)
         model = tiny_model(seed=rank)  # different per rank: DeepSpeed broadcasts rank 0's parameters
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         base = engine.optimizer.optimizer if stage else engine.optimizer
@@ -187,7 +187,7 @@ def worker_single(out_dir):
     values = sum_input(0, 7)
     summed = D.all_reduce_sum_(values.clone())
     model = tiny_model(seed=0)
-    config = D.load_ds_config(CPU_CONFIG, micro_batch_size=4)
+    config = D.load_ds_config(CPU_CONFIG, micro_batch_size=4, lr=LR, grad_clip=CLIP)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     train_steps(engine, 0, [0])
     report = {"rank": rank, "world": world, "local_rank": local_rank, "device": str(device),
@@ -340,21 +340,32 @@ def test_single_process_without_launcher(tmp_path):
 
 
 def test_configs_are_valid_deepspeed_configs():
+    import json
+
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from srcid.errors import SrcidError
+    from srcid.run import DEFAULT_BATCH_SIZE, default_run_config
     from srcid.train.distributed import load_ds_config
+    from srcid.train.trainer import engine_config
 
     for path, bf16 in ((CPU_CONFIG, False), (GPU_CONFIG, True)):
+        # the run config is the one source of the keys it owns: the shipped files do not set them
+        owned = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                 "gradient_clipping", "zero_optimization"}
+        raw_file = json.loads(path.read_text())
+        assert not owned & set(raw_file) and "lr" not in raw_file["optimizer"]["params"]
         for stage in (0, 1, 2):
-            raw = load_ds_config(path, zero_stage=stage, micro_batch_size=80, gradient_accumulation_steps=2)
-            parsed = DeepSpeedConfig(raw)  # no process group here: world size 1
+            run = default_run_config("srcid", "tiny")
+            run.zero_stage, run.gradient_accumulation = stage, 2
+            parsed = DeepSpeedConfig(engine_config(run, path))  # no process group here: world size 1
             assert parsed.zero_optimization_stage == stage
             assert parsed.bfloat16_config.enabled is bf16 and parsed.float16_config.enabled is False
-            assert parsed.gradient_clipping == CLIP
+            assert parsed.gradient_clipping == CLIP == run.grad_clip
+            assert parsed.train_micro_batch_size_per_gpu == DEFAULT_BATCH_SIZE == 80
             assert parsed.train_batch_size == 80 * 2
             assert parsed.optimizer_name == "adam"
-            assert parsed.optimizer_params["lr"] == LR and parsed.optimizer_params["torch_adam"] is True
+            assert parsed.optimizer_params["lr"] == LR == run.lr and parsed.optimizer_params["torch_adam"] is True
             assert parsed.optimizer_params["adam_w_mode"] is False and parsed.optimizer_params["weight_decay"] == 0
     with pytest.raises(SrcidError, match="ZeRO stage"):
         load_ds_config(CPU_CONFIG, zero_stage=3)

@@ -380,13 +380,18 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int | None = None,
-                   gradient_accumulation_steps: int | None = None) -> dict:
-    """Read a DeepSpeed JSON config and apply the run's overrides.
+                   gradient_accumulation_steps: int | None = None, lr: float | None = None,
+                   grad_clip: float | None = None) -> dict:
+    """Read a DeepSpeed JSON config and set the keys a run config owns (each keyword given replaces the file's).
 
-    ``srcid/train/ds_config_cpu.json`` (fp32) and ``srcid/train/ds_config_gpu.json``
-    (bf16): Adam lr 4e-4 built by DeepSpeed as ``torch.optim.Adam``
+    The package's ``srcid/train/ds_config_cpu.json`` (fp32) and
+    ``srcid/train/ds_config_gpu.json`` (bf16) hold only what a run config has
+    no key for: Adam built by DeepSpeed as ``torch.optim.Adam``
     (``torch_adam``: nothing to compile; ``adam_w_mode`` false: DeepSpeed's
-    "Adam" otherwise means AdamW), gradient clipping 0.5, ZeRO stage 0.
+    "Adam" otherwise means AdamW) and the precision. Micro batch,
+    accumulation, ZeRO stage, learning rate and clipping come from the run
+    config (:func:`srcid.train.trainer.engine_config` passes them all), so
+    each has one source: a value in the file would only be overwritten.
     Only the parameters handed to ``deepspeed.initialize`` are optimised:
     the CLUB networks have their own Adam and stay out of it.
     """
@@ -402,6 +407,10 @@ def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SrcidError(f"{key} must be a positive int, got {value!r}")
             config[key] = value
+    if lr is not None:
+        config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
+    if grad_clip is not None:
+        config["gradient_clipping"] = grad_clip
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise SrcidError(f"{path}: zero_optimization.stage must be one of {ZERO_STAGES}, got {stage!r}")

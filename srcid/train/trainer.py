@@ -36,6 +36,7 @@ from srcid.files import read_json_object, write_json_atomic
 from srcid.run import (CHECKPOINTS_DIR, MODEL_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, RunConfig, build_parser,
                        default_ds_config, load_run_config, resolve_config, use_kernels)
 from srcid.train.collapse import CollapseMonitor
+from srcid.train.distributed import load_ds_config
 from srcid.train.warm_start import WarmStart
 
 CLUB_STATE_FILE = "club.pt"  # in every checkpoint: the CLUB nets and their optimizer
@@ -46,6 +47,14 @@ def learned_codebook_sizes(model) -> dict:
     from srcid.model.quantizers import CodebookQuantizer
 
     return {k + 1: q.num_codes for k, q in enumerate(model.quantizers()) if isinstance(q, CodebookQuantizer)}
+
+
+def engine_config(config: RunConfig, ds_config_path: Path) -> dict:
+    """The DeepSpeed config of a run: the JSON file with every key the run config owns set from the run config
+    (micro batch = ``batch_size``, accumulation, ZeRO stage, lr, clipping), so the run config is their one source."""
+    return load_ds_config(ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
+                          gradient_accumulation_steps=config.gradient_accumulation, lr=config.lr,
+                          grad_clip=config.grad_clip)
 
 
 class Trainer:
@@ -112,12 +121,7 @@ class Trainer:
 
         if ds_config_path is None:
             ds_config_path = default_ds_config(self.device.type)
-        ds_config = dist_helpers.load_ds_config(
-            ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation,
-        )
-        ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.lr
-        ds_config["gradient_clipping"] = config.grad_clip
+        ds_config = engine_config(config, ds_config_path)
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
         try:
             self.engine, _, _, _ = deepspeed.initialize(
