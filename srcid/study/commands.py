@@ -54,11 +54,9 @@ def check_overrides(overrides: list, preset: str) -> list:
 
 
 def _study(args) -> int:
-    from srcid.config import valid_keys
     from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
     from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
     from srcid.study.runner import CELLS_DIR, Runner, Settings, prepare_data, rank_batch
-    from srcid.run import default_run_config
 
     plan = plan_for(args.preset)
     overrides = check_overrides(args.overrides, plan.preset)
@@ -66,9 +64,8 @@ def _study(args) -> int:
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     if args.out.exists() and not args.out.is_dir():
         raise SrcidError(f"--out {args.out}: is a file; name a folder for the study")
-    config = default_run_config("srcid", plan.preset)
     train_seeds = train_seed_list(args.train_seeds or 1)
-    grid = with_train_seeds(build_grid(plan, config.model.quantizer.codebook_size, valid_keys(config)), train_seeds)
+    grid = with_train_seeds(build_grid(plan), train_seeds)
     selected = select(grid, args.only)
     processes = args.processes or 1
     rank_batch(plan, processes)

@@ -21,6 +21,7 @@ import re
 from typing import Optional
 
 from srcid.errors import SrcidError
+from srcid.model import model_config
 from srcid.run import DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS
 
 CODEBOOK_KEY = "model.quantizer.codebook_size"
@@ -80,7 +81,6 @@ class Cell:
     layers: tuple = (LAYERS_ONLY1,)  # one evaluation per entry: "1" or "1,2"
     codebook_size: int = 0
     club: object = "both"  # "both", or the layer (1 or 2) whose CLUB loss is off
-    unavailable: Optional[str] = None  # why this version cannot train it
     train_seed: int = DEFAULT_SEED
     base: str = ""  # the cell this one repeats with another training seed ("": itself)
 
@@ -102,23 +102,23 @@ def codebook_sizes(plan: Plan, default_size: int) -> tuple:
     return tuple(sizes)
 
 
-def build_grid(plan: Plan, default_size: int, config_keys) -> list:
-    """Every cell of ``plan``'s study, most important first.
+def preset_codebook_size(preset: str) -> int:
+    """The codebook size of ``preset``'s model (the ``srcid`` cell's; Fig. 3's sizes are multiples of it)."""
+    return model_config(preset).quantizer.codebook_size
 
-    ``config_keys``: the run-config keys this version accepts (``--set``);
-    the CLUB-ablation cells need the per-layer MI weights of
-    :data:`CLUB_LAYER_KEYS` and are marked unavailable without them.
-    """
-    keys = set(config_keys)
+
+def build_grid(plan: Plan, default_size: Optional[int] = None) -> list:
+    """Every cell of ``plan``'s study, most important first; ``default_size``: the preset's codebook size unless
+    given. Only the codebook-size cells set the size (to another one); every other cell trains the preset's."""
+    if default_size is None:
+        default_size = preset_codebook_size(plan.preset)
     cells = [Cell("srcid", "srcid", "SRCID", layers=(LAYERS_FULL, LAYERS_ONLY1), codebook_size=default_size)]
     for name, variant, label in QUANTIZER_BASELINES:
         cells.append(Cell(name, variant, label, codebook_size=default_size))
     for layer in (1, 2):
-        key = CLUB_LAYER_KEYS[layer]
-        missing = None if key in keys else (f"the model config has no per-layer CLUB weight ({key}); "
-                                            "the CLUB ablation needs it")
-        cells.append(Cell(f"srcid-no-club-l{layer}", "srcid", CLUB_SETTINGS[layer], overrides=(f"{key}=0",),
-                          layers=(LAYERS_FULL,), codebook_size=default_size, club=layer, unavailable=missing))
+        cells.append(Cell(f"srcid-no-club-l{layer}", "srcid", CLUB_SETTINGS[layer],
+                          overrides=(f"{CLUB_LAYER_KEYS[layer]}=0",), layers=(LAYERS_FULL,),
+                          codebook_size=default_size, club=layer))
     for size in codebook_sizes(plan, default_size):
         if size != default_size:
             cells.append(Cell(f"srcid-codebook-{size}", "srcid", f"codebook {size}", overrides=(f"{CODEBOOK_KEY}={size}",),
@@ -134,13 +134,11 @@ def train_seed_list(count: int) -> list:
 def with_train_seeds(cells: list, seeds: list) -> list:
     """Each cell, then its repeats with the other training seeds (``<name>-seed<S>``), in grid order.
 
-    A repeat adds ``--set seed=S --set model.seed=S`` to the cell's overrides. Unavailable cells are not repeated.
+    A repeat adds ``--set seed=S --set model.seed=S`` to the cell's overrides.
     """
     out = []
     for cell in cells:
         out.append(cell)
-        if cell.unavailable:
-            continue
         for seed in seeds[1:]:
             out.append(dataclasses.replace(
                 cell, name=f"{cell.name}-seed{seed}", train_seed=seed, base=cell.name,

@@ -195,7 +195,7 @@ def figure3(cells: dict, seeds: list) -> dict:
                          "SRCID (layers 1,2) with the CLUB MI loss in both layers, or switched off in one layer; "
                          "cross-modal results (%).")
     bars = [{"setting": CLUB_SETTINGS[c.cell.club], "cell": c.cell.name, "status": c.status,
-             "unavailable": c.cell.unavailable, "avg": _row_average(row)}
+             "avg": _row_average(row)}
             for c, row in zip(club_cells, club_table["rows"])]
     return {"codebook_size": {"table": codebook_table, "points": points},
             "club": {"table": club_table, "bars": bars}}
@@ -248,7 +248,6 @@ def _cell_summary(result: CellResults) -> dict:
         "codebook_size": cell.codebook_size,
         "club": cell.club,
         "status": result.status,
-        "unavailable": cell.unavailable,
         "run_dir": str(result.files.run),
         "train": record.get("train"),
         "commands": record.get("commands", {}),
@@ -387,10 +386,6 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         "",
         to_markdown(fig3["club"]["table"]),
     ]
-    for bar in fig3["club"]["bars"]:
-        if bar["unavailable"]:
-            lines.append(f"{bar['setting']} ({bar['cell']}): not trained: {bar['unavailable']}.")
-            lines.append("")
     lines += [f"![CLUB ablation]({PLOT_FILES['club']})", "", "## Training curves: CLUB MI per layer", ""]
     if curves is None:
         lines.append(f"No metrics yet from the `{MI_CELL}` cell.")
@@ -411,8 +406,7 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         status = result.status
         if status == "failed":
             status += ": " + result.record["failure"]["error"].replace("|", "\\|")
-        run = "-" if result.cell.unavailable else f"`{result.files.run}`"
-        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | {run} | {timing} |")
+        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | `{result.files.run}` | {timing} |")
     return "\n".join(lines) + "\n"
 
 
@@ -427,7 +421,7 @@ def write_report(settings: Settings, grid: list, failed: list) -> dict:
     seeds = settings.seed_list() if len(settings.train_seeds) == 1 else None
     tables = build_tables(groups, seeds)
     fig3 = figure3(groups, seeds)
-    pooled = {name: group.finished_runs() for name, group in groups.items() if not group.cell.unavailable}
+    pooled = {name: group.finished_runs() for name, group in groups.items()}
     averages = method_averages(tables)
     curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
     out = settings.out

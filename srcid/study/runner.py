@@ -309,9 +309,7 @@ def cell_inspection(cell: Cell, settings: Settings) -> Optional[dict]:
 
 
 def cell_status(cell: Cell, settings: Settings) -> str:
-    """``finished``, ``failed`` (last attempt), ``stale`` (trained with other settings), ``unavailable`` or ``not run``."""
-    if cell.unavailable:
-        return "unavailable"
+    """``finished``, ``failed`` (last attempt), ``stale`` (trained with other settings) or ``not run``."""
     if len(cell_evals(cell, settings)) == len(cell.layers) and cell_inspection(cell, settings) is not None:
         return "finished"
     files = CellFiles(settings.out, cell)
@@ -327,8 +325,6 @@ def check_settings_unchanged(cells: list, settings: Settings) -> None:
     """Refuse to touch cells whose run was trained (or started) with other settings."""
     changed = []
     for cell in cells:
-        if cell.unavailable:
-            continue
         files = CellFiles(settings.out, cell)
         record = read_record(files)
         spec = train_spec(cell, settings)
@@ -358,7 +354,7 @@ class Outcome:
     """What happened to one cell in this invocation."""
 
     name: str
-    status: str  # "finished", "skipped" (finished earlier), "failed", "unavailable"
+    status: str  # "finished", "skipped" (finished earlier), "failed"
     seconds: float = 0.0
     error: Optional[str] = None
 
@@ -439,10 +435,6 @@ class Runner:
         outcomes = []
         for index, cell in enumerate(cells, start=1):
             prefix = f"[{index}/{len(cells)}] {cell.name}"
-            if statuses[cell.name] == "unavailable":
-                self.say(f"{prefix}: unavailable: {cell.unavailable}")
-                outcomes.append(Outcome(cell.name, "unavailable", error=cell.unavailable))
-                continue
             if statuses[cell.name] == "finished":
                 self.say(f"{prefix}: finished earlier, skipped")
                 outcomes.append(Outcome(cell.name, "skipped"))
