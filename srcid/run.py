@@ -38,9 +38,9 @@ from srcid.train.warm_start import WarmStartConfig
 
 __all__ = [
     "CHECKPOINTS_DIR", "DEFAULT_BATCH_SIZE", "DEFAULT_SEED", "EVENTS_FILE", "KERNEL_CHOICES", "METRICS_CSV",
-    "MODEL_FILE", "PRESETS", "PROFILES", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE",
-    "TRAIN_STATE_FILE", "VARIANTS", "add_kernels_flag", "apply_profile_and_overrides", "build_parser",
-    "default_ds_config", "default_run_config", "load_run_config", "resolve_config", "train_argv", "train_command",
+    "MODEL_FILE", "PRESETS", "PROFILES", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE", "TRAIN_STATE_FILE",
+    "VARIANTS", "add_kernels_flag", "apply_profile_and_overrides", "build_parser", "default_ds_config",
+    "default_run_config", "kernels_argv", "load_run_config", "resolve_config", "train_argv", "train_command",
     "use_kernels",
 ]
 
@@ -189,6 +189,11 @@ def add_kernels_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def kernels_argv(choice: Optional[str]) -> list:
+    """``--kernels CHOICE`` for a child command's argv (nothing without a choice: the child keeps its default)."""
+    return ["--kernels", choice] if choice else []
+
+
 def use_kernels(args) -> None:
     """Select the hot-op implementation a command's ``--kernels`` names (none given: leave the default)."""
     if getattr(args, "kernels", None):
@@ -275,8 +280,7 @@ def train_argv(*, variant: str, preset: str, data: Path, out: Path, epochs: Opti
         argv += ["--max-steps", str(max_steps)]
     for item in overrides:
         argv += ["--set", item]
-    if kernels:
-        argv += ["--kernels", kernels]
+    argv += kernels_argv(kernels)
     if resume:
         argv.append("--resume")
     return argv

@@ -17,7 +17,8 @@ import srcid.cli
 from srcid.errors import SrcidError
 from srcid.study.grid import (PLANS, build_grid, codebook_sizes, matches, preset_codebook_size, select, train_seed_list,
                               with_train_seeds)
-from srcid.study.runner import error_line, read_eval
+from srcid.study.cells import read_eval
+from srcid.study.runner import error_line
 from srcid.run import TRAINER_MODULE
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
@@ -464,7 +465,8 @@ def test_error_line_and_incomplete_evaluations(tmp_path):
 
 
 def test_commands_for_several_processes_and_kernels(tmp_path):
-    from srcid.study.runner import Settings, eval_command, inspect_command, train_command
+    from srcid.study.cells import Settings, train_spec
+    from srcid.study.runner import eval_command, inspect_command, train_command
 
     settings = Settings(plan=PLANS["small"], out=tmp_path, data=tmp_path / "data", seeds=2, max_steps=None,
                         processes=4, kernels="reference", command="srcid study")
@@ -478,7 +480,6 @@ def test_commands_for_several_processes_and_kernels(tmp_path):
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
     assert sets == ["batch_size=20", "log_every=10", "model.quantizer.codebook_size=64"]
     # --set items reach every cell's training, before the cell's own, and are part of what decides the model
-    from srcid.study.runner import train_spec
     profiled = dataclasses.replace(settings, overrides=["profile=authors", "model.quantizer.codebook_size=16"])
     command = train_command(cell, profiled, tmp_path / "run", resume=False)
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]

@@ -56,7 +56,8 @@ def check_overrides(overrides: list, preset: str) -> list:
 def _study(args) -> int:
     from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
     from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
-    from srcid.study.runner import CELLS_DIR, Runner, Settings, prepare_data, rank_batch
+    from srcid.study.cells import CELLS_DIR, Settings, rank_batch
+    from srcid.study.runner import Runner, prepare_data
 
     plan = plan_for(args.preset)
     overrides = check_overrides(args.overrides, plan.preset)

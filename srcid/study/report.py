@@ -28,7 +28,7 @@ from typing import Optional
 from srcid.files import write_atomic, write_json_atomic
 from srcid.run import METRICS_CSV, RUN_CONFIG_FILE
 from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
-from srcid.study.runner import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
+from srcid.study.cells import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
 
 TABLES_FILE = "tables.md"
 RESULTS_FILE = "results.json"
