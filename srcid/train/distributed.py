@@ -4,7 +4,7 @@ Fault propagation has three layers:
 
 1. A data error on one rank. Every step, at the same point on every rank
    (after fetching the batch, before the forward pass), the trainer calls
-   :func:`stop_if_any_rank_failed` (or :func:`any_rank_failed`): a
+   :func:`stop_if_any_rank_failed`: a
    one-element all-reduce of "did this rank fail". The failing rank raises
    its own error, the others raise a one-line :class:`SrcidError` naming
    it, and all exit at the same step. It runs every step rather than every
@@ -215,15 +215,6 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_average_(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over ranks in place and return it."""
-    size = get_world_size()
-    if size == 1:
-        return tensor
-    all_reduce_sum_(tensor)
-    return tensor.div_(size)
-
-
 def all_reduce_mean(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Mean over ranks of scalar tensors, with one collective and one host sync.
 
@@ -264,16 +255,6 @@ def exchange_step_status(local_error: bool, batch_size: int = 0) -> tuple[list[i
             raise _collective_failed("fault check", exc) from None
     flags, sizes = table.tolist()
     return [r for r, flag in enumerate(flags) if flag], sizes
-
-
-def failed_ranks(local_error: bool) -> list[int]:
-    """All ranks that report an error (one small all-reduce on the CPU fault group)."""
-    return exchange_step_status(local_error)[0]
-
-
-def any_rank_failed(local_error: bool) -> bool:
-    """Whether any rank reports an error; every rank must call it at the same point."""
-    return bool(failed_ranks(local_error))
 
 
 def stop_if_any_rank_failed(error: BaseException | None, batch_size: int = 0) -> list[int]:
