@@ -3,7 +3,8 @@
 The trainer writes a run directory, ``srcid export``, ``srcid eval``/``encode``/``inspect`` and the study read it,
 and the study starts the trainer as a subprocess. Everything these must agree on is declared here once:
 
-* :class:`RunConfig`, its defaults and the profiles: :data:`DEFAULT_BATCH_SIZE`; :data:`DEFAULT_SEED`,
+* :class:`RunConfig`, its defaults, the profiles and the run-config keys that were renamed (:data:`RENAMED_KEYS`):
+  :data:`DEFAULT_BATCH_SIZE`; :data:`DEFAULT_SEED`,
   :data:`PRESETS` and :data:`VARIANTS` come from the model package (the model config's own seed defaults to the
   same value, and a module of the model cannot import this one);
 * the run directory's file names (the metrics logger keeps the names of its own files, imported here);
@@ -38,7 +39,7 @@ from srcid.train.warm_start import WarmStartConfig
 
 __all__ = [
     "CHECKPOINTS_DIR", "DEFAULT_BATCH_SIZE", "DEFAULT_SEED", "EVENTS_FILE", "KERNEL_CHOICES", "METRICS_CSV",
-    "MODEL_FILE", "PRESETS", "PROFILES", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE", "TRAIN_STATE_FILE",
+    "MODEL_FILE", "PRESETS", "PROFILES", "RENAMED_KEYS", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE", "TRAIN_STATE_FILE",
     "VARIANTS", "add_kernels_flag", "apply_profile_and_overrides", "build_parser", "default_ds_config",
     "default_run_config", "kernels_argv", "load_run_config", "resolve_config", "train_argv", "train_command",
     "use_kernels",
@@ -57,6 +58,13 @@ DEFAULT_BATCH_SIZE = 80  # clips per rank and micro-step: the paper's batch; the
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "train"
 DS_CONFIG_FILES = {"cuda": "ds_config_gpu.json", "cpu": "ds_config_cpu.json"}
 TRAINER_MODULE = "srcid.train.launch"  # what `python -m` and `deepspeed --module` run
+
+# Run-config keys that were renamed: the old name, in --set or in a saved run_config.json, is a one-line error naming
+# the new one (read silently as the new key or ignored, an old command line or run would change without a word).
+RENAMED_KEYS = {
+    # layer 2's whole loss weight; the old name read like model.weights.mi_layer2, which scales only its CLUB term
+    "warm_start.mi_layer2_weight": "warm_start.layer2_loss_weight",
+}
 
 # Profiles: named sets of run-config settings, applied before the command line's own --set items (which win).
 PROFILES = {
@@ -150,9 +158,28 @@ def default_run_config(variant: str, preset: str) -> RunConfig:
     return RunConfig(variant=variant, preset=preset, model=model)
 
 
+def refuse_renamed_keys(keys, where: str = "") -> None:
+    """A one-line error naming the new key when one of ``keys`` (dotted run-config keys) was renamed."""
+    for key in keys:
+        if key in RENAMED_KEYS:
+            raise SrcidError(f"{where}config key {key}: renamed to {RENAMED_KEYS[key]}")
+
+
+def _set_keys(overrides) -> list:
+    return [item.split("=", 1)[0].strip() for item in overrides]
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list:
+    keys = []
+    for key, value in data.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return keys
+
+
 def apply_profile_and_overrides(config: RunConfig, overrides: list) -> RunConfig:
     """``--set`` items on ``config``: a ``profile=NAME`` item first brings in that profile's settings, then every
     other item is applied in order, so an explicit setting wins over the profile's."""
+    refuse_renamed_keys(_set_keys(overrides))
     profiles = [item.split("=", 1)[1].strip() for item in overrides if item.split("=", 1)[0].strip() == "profile"]
     rest = [item for item in overrides if item.split("=", 1)[0].strip() != "profile"]
     if profiles:
@@ -169,8 +196,9 @@ def load_run_config(path: Path) -> RunConfig:
     """A :class:`RunConfig` from a run directory's ``run_config.json``.
 
     A key added to a config since the file was written gets the value that reproduces the file's run
-    (``ABSENT_MEANS``)."""
+    (``ABSENT_MEANS``); a key since renamed is an error naming the new one."""
     data = read_json_object(path)
+    refuse_renamed_keys(_dotted_keys(data), f"{path}: ")
     config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(path))
     config.model = from_dict(ModelConfig, with_absent_keys(data["model"], MODEL_ABSENT_MEANS), f"{path}: model")
     config.warm_start = from_dict(WarmStartConfig, with_absent_keys(data["warm_start"], WARM_START_ABSENT_MEANS),
@@ -250,6 +278,7 @@ def resolve_config(args) -> RunConfig:
             if given is not None and given != saved:
                 raise SrcidError(f"--resume: {args.out} is a {flag} {saved} run; {flag} {given} would change it")
         # The same command line may be repeated with --resume; it may not change the run.
+        refuse_renamed_keys(_set_keys(args.overrides))
         changed = [item.split("=", 1)[0] for item in args.overrides
                    if to_dict(apply_overrides(copy.deepcopy(config), [item])) != to_dict(config)]
         if changed:

@@ -367,6 +367,8 @@ def test_bad_numbers_are_one_line(cli, full, tmp_path, flags, message):
     ("seed=3", "--set seed=3: seed is set by the study (--train-seeds), not by --set"),
     ("batch_size=8", "batch_size is set by the study (--processes)"),
     ("profile", "--set 'profile': expected KEY=VALUE"),
+    ("warm_start.mi_layer2_weight=0.3", "--set: config key warm_start.mi_layer2_weight: renamed to "
+                                         "warm_start.layer2_loss_weight"),
 ])
 def test_bad_set_items_are_one_line_before_anything_is_written(cli, tmp_path, item, message):
     code, _, err = cli("study", "--preset", "tiny", "--out", tmp_path / "s", "--set", item)

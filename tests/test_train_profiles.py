@@ -3,6 +3,7 @@ import pytest
 
 from srcid.errors import SrcidError
 from srcid.run import PROFILES, build_parser, resolve_config
+from srcid.train.warm_start import WarmStart
 
 
 def resolve(tmp_path, *items):
@@ -37,3 +38,12 @@ def test_default_profile_changes_nothing_and_explicit_settings_win(tmp_path):
 def test_unknown_profile_lists_the_valid_ones(tmp_path):
     with pytest.raises(SrcidError, match="profile=bogus: choose one of default, authors"):
         resolve(tmp_path, "profile=bogus")
+
+
+def test_a_renamed_key_in_set_is_one_line_naming_the_new_key(tmp_path):
+    with pytest.raises(SrcidError) as caught:
+        resolve(tmp_path, "warm_start.mi_layer2_weight=0.3")
+    assert str(caught.value) == "config key warm_start.mi_layer2_weight: renamed to warm_start.layer2_loss_weight"
+    config = resolve(tmp_path, "warm_start.layer2_loss_weight=0.3", "warm_start.mode=off")
+    assert WarmStart(config.warm_start).layer2_weight == pytest.approx(0.3)  # layer 2's whole loss weight
+    assert config.model.weights.mi_layer2 == 1.0  # the CLUB term's own factor is another key
