@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from srcid import __version__
-from srcid.errors import SrcidError
+from srcid.errors import SrcidError, os_error_line
 from srcid.run import use_kernels
 
 # command-group modules, in the order `srcid --help` lists them
@@ -48,8 +48,6 @@ def main(argv=None) -> int:
         print(f"srcid: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        from srcid.errors import os_error_line
-
         print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,8 +4,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from srcid.run import DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS, add_kernels_flag
 from srcid.errors import SrcidError
+from srcid.run import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS, add_kernels_flag, apply_profile_and_overrides,
+                       default_run_config)
+from srcid.study.cells import CELLS_DIR, Settings, rank_batch
+from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
+from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
+from srcid.study.runner import Runner, prepare_data
 
 
 def _positive(name: str, value) -> None:
@@ -37,8 +42,6 @@ STUDY_KEYS = {"variant": "the cell", "preset": "--preset", "epochs": "the preset
 
 def check_overrides(overrides: list, preset: str) -> list:
     """``--set`` items for every cell's training: each a valid ``KEY=VALUE`` of the trainer, none the study sets."""
-    from srcid.run import apply_profile_and_overrides, default_run_config
-
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item or not key:
@@ -54,11 +57,6 @@ def check_overrides(overrides: list, preset: str) -> list:
 
 
 def _study(args) -> int:
-    from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
-    from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
-    from srcid.study.cells import CELLS_DIR, Settings, rank_batch
-    from srcid.study.runner import Runner, prepare_data
-
     plan = plan_for(args.preset)
     overrides = check_overrides(args.overrides, plan.preset)
     for name in ("--seeds", "--train-seeds", "--max-steps", "--processes"):

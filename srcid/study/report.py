@@ -25,10 +25,15 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from srcid import __version__
+from srcid.eval.tables import AVG, format_cell, table1, table2, table3, to_markdown
+from srcid.eval.tasks import CROSS
 from srcid.files import write_atomic, write_json_atomic
 from srcid.run import METRICS_CSV, RUN_CONFIG_FILE
-from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
+from srcid.study import plots
 from srcid.study.cells import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
+from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
+from srcid.train.metrics_log import read_events, read_metrics
 
 TABLES_FILE = "tables.md"
 RESULTS_FILE = "results.json"
@@ -43,8 +48,6 @@ MI_CELL = "srcid"
 
 def split_results(results: dict) -> tuple:
     """``(cross, same, retrieval)`` of one evaluation's ``results``, in the shapes :mod:`srcid.eval.tables` reads."""
-    from srcid.eval.tasks import CROSS
-
     cross, same, retrieval = {}, {}, None
     for task, entry in results.items():
         if task == "retrieval":
@@ -143,8 +146,6 @@ def _titled(table: dict, title: str, caption: str) -> dict:
 
 def build_tables(cells: dict, seeds: list) -> dict:
     """Tables I, II and III (dicts of :mod:`srcid.eval.tables`)."""
-    from srcid.eval.tables import table1, table2, table3
-
     cross1, same1 = {}, {}
     for name, _, label in QUANTIZER_BASELINES:
         if name in cells:
@@ -172,15 +173,11 @@ def build_tables(cells: dict, seeds: list) -> dict:
 
 
 def _row_average(row: dict) -> Optional[dict]:
-    from srcid.eval.tables import AVG
-
     return row[AVG]
 
 
 def figure3(cells: dict, seeds: list) -> dict:
     """Fig. 3's data: SRCID's cross-modal results per codebook size and per CLUB setting (Table II layout)."""
-    from srcid.eval.tables import table2
-
     sized = sorted((c for c in cells.values() if c.cell.variant == "srcid" and c.cell.club == "both"),
                    key=lambda c: c.cell.codebook_size)
     codebook_rows = {f"codebook {c.cell.codebook_size}": c.parts(LAYERS_FULL)[0] for c in sized}
@@ -210,8 +207,6 @@ def method_averages(tables: dict) -> list:
 
 def mi_curves(run_dir: Path) -> Optional[dict]:
     """Per layer, the CLUB MI estimate (mean over modalities) against the step, and the warm-start switch."""
-    from srcid.train.metrics_log import read_events, read_metrics
-
     if not (run_dir / METRICS_CSV).is_file():
         return None
     series = read_metrics(run_dir)
@@ -266,8 +261,6 @@ def _cell_summary(result: CellResults) -> dict:
 
 
 def _format_avg(avg: Optional[dict]) -> str:
-    from srcid.eval.tables import format_cell
-
     return format_cell(avg)
 
 
@@ -344,8 +337,6 @@ def _train_seed_note(settings: Settings, pooled: dict) -> list:
 
 
 def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict], pooled: dict) -> str:
-    from srcid.eval.tables import to_markdown
-
     finished = sum(c.status == "finished" for c in cells.values())
     plan = settings.plan
     lines = [
@@ -412,9 +403,6 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
 
 def write_report(settings: Settings, grid: list, failed: list) -> dict:
     """Write ``tables.md``, ``results.json`` and the plots into the study folder; returns the JSON data."""
-    from srcid import __version__
-    from srcid.study import plots
-
     cells = collect(grid, settings)
     groups = group_runs(cells)
     # pooled runs have training x head values per cell, so the tables cannot label them by head seed

@@ -4,17 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from srcid.run import CHECKPOINTS_DIR, RUN_CONFIG_FILE, build_parser
+from srcid.train.trainer import export_run, main
 
 
 def _train(args) -> int:
-    from srcid.train.trainer import main
-
     return main(getattr(args, "extra_args", []))
 
 
 def _export(args) -> int:
-    from srcid.train.trainer import export_run
-
     path = export_run(args.run, args.out, overwrite=args.overwrite)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0

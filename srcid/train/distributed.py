@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 from srcid.errors import SrcidError
 from srcid.files import read_json_object
@@ -82,7 +83,7 @@ def _skip_cpu_inference_op() -> None:
     and building it needs a C++ compiler and takes about 40 s on first use.
     """
     try:
-        import deepspeed.ops
+        import deepspeed.ops  # deepspeed is imported by the functions that start it (seconds), as below
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     except (ImportError, AttributeError, TypeError):
@@ -97,7 +98,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     (``RANK``, ``WORLD_SIZE``, ...) it runs as a single process on a free
     local port. Under NCCL a second, gloo group carries the fault flag.
     """
-    import deepspeed
+    import deepspeed  # here, not at the top: the run contract and the study import this module
     from deepspeed.accelerator import get_accelerator
 
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -300,8 +301,6 @@ class BatchGather:
         self.sizes: list[int] = []
 
     def __call__(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
         if get_world_size() == 1:
             return tensor
         if tensor.shape[dim] != self.sizes[get_rank()]:

@@ -22,21 +22,37 @@ every rank:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from srcid.config import to_dict
-from srcid.errors import SrcidError
+from srcid.data.manifest import MANIFEST_NAME, load_manifest
+from srcid.data.reader import ShardLoader
+from srcid.data.validate import check_shard_files
+from srcid.errors import CorruptFileError, SrcidError, check_writable_folder, os_error_line, os_error_reason
 from srcid.files import read_json_object, write_json_atomic
+from srcid.model.club import build_mi_fitter
+from srcid.model.export import _weights_path, export_model
+from srcid.model.quantizers import CodebookQuantizer
+from srcid.model.variants import build_model, build_model_from_manifest
 from srcid.run import (CHECKPOINTS_DIR, MODEL_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, RunConfig, build_parser,
                        default_ds_config, load_run_config, resolve_config, use_kernels)
+from srcid.train import distributed as dist_helpers
+from srcid.train import metrics_log  # as a module: tests replace its plot_metrics
+from srcid.train.checkpoint import (CheckpointManager, checkpoint_step, is_complete, load_engine, load_module_state,
+                                    load_rng_state, load_tensors, rng_state_path, save_engine, save_rng_state,
+                                    save_tensors, verify_checkpoint)
 from srcid.train.collapse import CollapseMonitor
-from srcid.train.distributed import load_ds_config
+from srcid.train.step import compute_loss
 from srcid.train.warm_start import WarmStart
 
 CLUB_STATE_FILE = "club.pt"  # in every checkpoint: the CLUB nets and their optimizer
@@ -44,17 +60,15 @@ CLUB_STATE_FILE = "club.pt"  # in every checkpoint: the CLUB nets and their opti
 
 def learned_codebook_sizes(model) -> dict:
     """``{layer number: codebook size}`` of the layers with a learned codebook (VQ, RVQ; FSQ's grid has none)."""
-    from srcid.model.quantizers import CodebookQuantizer
-
     return {k + 1: q.num_codes for k, q in enumerate(model.quantizers()) if isinstance(q, CodebookQuantizer)}
 
 
 def engine_config(config: RunConfig, ds_config_path: Path) -> dict:
     """The DeepSpeed config of a run: the JSON file with every key the run config owns set from the run config
     (micro batch = ``batch_size``, accumulation, ZeRO stage, lr, clipping), so the run config is their one source."""
-    return load_ds_config(ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
-                          gradient_accumulation_steps=config.gradient_accumulation, lr=config.lr,
-                          grad_clip=config.grad_clip)
+    return dist_helpers.load_ds_config(ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
+                                       gradient_accumulation_steps=config.gradient_accumulation, lr=config.lr,
+                                       grad_clip=config.grad_clip)
 
 
 class Trainer:
@@ -65,14 +79,7 @@ class Trainer:
         """``resume``: False/None (a new run), True or ``"latest"`` (the newest intact checkpoint), or a
         checkpoint's name (``step-00001234``, ``1234`` or its path). ``overwrite``: clear a run already in
         ``run_dir`` first (a new run refuses a folder that is not empty otherwise)."""
-        import deepspeed
-
-        from srcid.data.reader import ShardLoader
-        from srcid.model.club import build_mi_fitter
-        from srcid.model.variants import build_model_from_manifest
-        from srcid.train import distributed as dist_helpers
-        from srcid.train.checkpoint import CheckpointManager
-        from srcid.train.metrics_log import MetricsLogger
+        import deepspeed  # here, not at the top: `srcid export` and code that only reads runs need not load it
 
         resume = "latest" if resume is True else (resume or None)
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
@@ -148,7 +155,7 @@ class Trainer:
 
             write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config), sort_keys=True)
         dist_helpers.barrier()
-        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
+        self.logger = metrics_log.MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
         if self._resume_info is not None:
             self.logger.event(self.step, "resume", self._resume_info)
         if self.input_stats is not None:
@@ -170,8 +177,6 @@ class Trainer:
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
-        from srcid.train.checkpoint import rng_state_path, save_engine, save_rng_state, save_tensors
-
         save_engine(self.engine, directory)
         save_rng_state(rng_state_path(directory, self.rank))
         if self.is_main:
@@ -182,8 +187,6 @@ class Trainer:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _resume(self) -> None:
-        from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, rng_state_path
-
         latest = self._resume_from
         state = read_json_object(latest / TRAIN_STATE_FILE)
         missing = sorted({"step", "epoch", "step_in_epoch", "world_size", "warm_start"} - set(state))
@@ -204,8 +207,6 @@ class Trainer:
 
     def _named_checkpoint(self, name: str) -> Path:
         """The checkpoint ``--resume NAME`` names: ``step-00001234``, ``1234`` or a path to it."""
-        from srcid.train.checkpoint import is_complete
-
         text = str(name)
         if text.isdigit():
             path = self.checkpoints.path_for(int(text))
@@ -227,9 +228,6 @@ class Trainer:
         resumed, and the newer ones are set aside as ``step-N.superseded`` (never loaded again). Every rank
         takes part (each hashes a share of the files) and reaches the same choice.
         """
-        from srcid.errors import CorruptFileError
-        from srcid.train.checkpoint import checkpoint_step, verify_checkpoint
-
         def reduce(codes):
             return self.dist.all_reduce_sum_(codes.to(self.device)).cpu()
 
@@ -289,10 +287,6 @@ class Trainer:
     def _fit_input_stats(self, model) -> dict:
         """Fit the model's input normaliser on the training split (or its first ``input_stats_clips`` clips of
         epoch 0), every rank reading its own part; the moments are summed across ranks. Returns a summary."""
-        import math
-
-        from tqdm import tqdm
-
         steps = self.loader.steps_per_epoch()
         clips = self.config.input_stats_clips
         if clips:
@@ -319,8 +313,6 @@ class Trainer:
         """After the last step, layer 2's centre (``model.layer2_center``) takes the plain mean of its features
         over the first ``centre_clips`` clips of the training split under the final weights, in evaluation mode,
         summed across ranks (srcid/model/centre.py says why the running mean is not enough)."""
-        import math
-
         if not self.config.model.layer2_center:
             return
         steps = self.loader.steps_per_epoch()
@@ -364,8 +356,6 @@ class Trainer:
             yield batch
 
     def _forward_loss(self, batch):
-        from srcid.train.step import compute_loss
-
         batch = self._device_batch(batch)
         return compute_loss(self.model, self.mi_fitter, batch, self.layer2_weight(), forward=self.engine)
 
@@ -398,8 +388,6 @@ class Trainer:
                       file=sys.stderr)
 
     def train(self) -> Path:
-        from tqdm import tqdm
-
         config = self.config
         steps_per_epoch = self.loader.steps_per_epoch()
         total = steps_per_epoch * config.epochs
@@ -448,9 +436,7 @@ class Trainer:
         self.logger.close()
         if self.is_main:
             self.export()
-            from srcid.train.metrics_log import plot_metrics
-
-            plot_metrics(self.run_dir)
+            metrics_log.plot_metrics(self.run_dir)
         return path
 
     def verify_replicas(self) -> bool:
@@ -470,8 +456,6 @@ class Trainer:
         return identical
 
     def export(self, path: Optional[Path] = None) -> Path:
-        from srcid.model.export import export_model
-
         path = path or self.run_dir / MODEL_FILE
         export_model(
             self.model, variant=self.config.variant, config=self.config.model,
@@ -503,9 +487,6 @@ def is_run_dir(path: Path) -> bool:
 def check_data_folder(data_dir: Path, split: str) -> None:
     """``--data`` is a dataset folder with a valid manifest, the split and its shard files (rank 0, before
     ``--out`` is created or touched)."""
-    from srcid.data.manifest import MANIFEST_NAME, load_manifest
-    from srcid.data.validate import check_shard_files
-
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         state = "not a folder" if data_dir.exists() else "no such folder"
@@ -525,8 +506,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     ``--resume`` or deleted first with ``--overwrite`` (which clears only a
     run directory, never another folder). The folder must be writable.
     """
-    from srcid.errors import check_writable_folder
-
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise SrcidError(f"--out {run_dir}: exists and is not a folder")
@@ -543,8 +522,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 def clear_run_dir(run_dir: Path) -> None:
     """Delete everything in a run directory, ``run_config.json`` last (an interrupted clear is still a run)."""
-    import shutil
-
     entries = sorted(run_dir.iterdir(), key=lambda p: p.name == RUN_CONFIG_FILE)
     try:
         for entry in entries:
@@ -553,16 +530,12 @@ def clear_run_dir(run_dir: Path) -> None:
             else:
                 entry.unlink()
     except OSError as exc:
-        from srcid.errors import os_error_reason
-
         raise SrcidError(f"--overwrite: cannot clear {run_dir}: {exc.filename or run_dir}: "
                          f"{os_error_reason(exc)}") from None
 
 
 def state_digest(state: dict) -> int:
     """A 62-bit digest of the exact bytes of a state dict's tensors (in key order)."""
-    import hashlib
-
     h = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()
@@ -576,11 +549,6 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
 
     The output folder is checked for writing first; the checkpoint is verified against the SHA-256 sums its
     ``COMPLETE`` records (a corrupt file is a one-line error naming it; no fallback to an older checkpoint)."""
-    from srcid.errors import check_writable_folder
-    from srcid.model.export import _weights_path, export_model
-    from srcid.model.variants import build_model
-    from srcid.train.checkpoint import CheckpointManager, load_module_state, verify_checkpoint
-
     run_dir = Path(run_dir)
     out = _weights_path(out)
     if not overwrite:
@@ -631,15 +599,11 @@ def main(argv=None, prog: str = "srcid train") -> int:
         _stop(trainer, ok=_raised_on_every_rank(exc))
         return exc.exit_code
     except OSError as exc:  # a write that failed after the checks (a full disk): one line naming the path
-        from srcid.errors import os_error_line
-
         print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
         _stop(trainer, ok=False)
         return 1
     except RuntimeError as exc:  # a collective DeepSpeed or autograd ran failed: a peer rank died or hung
-        from srcid.train.distributed import collective_failure
-
-        failure = collective_failure(exc)
+        failure = dist_helpers.collective_failure(exc)
         if failure is None:
             raise  # not a failed collective: a bug, whose traceback is kept
         print(f"srcid: error: {failure}", file=sys.stderr)
@@ -648,9 +612,7 @@ def main(argv=None, prog: str = "srcid train") -> int:
 
 
 def _raised_on_every_rank(exc: BaseException) -> bool:
-    from srcid.train import distributed
-
-    return distributed.raised_on_every_rank(exc)
+    return dist_helpers.raised_on_every_rank(exc)
 
 
 def _stop(trainer, ok: bool) -> None:
@@ -658,6 +620,4 @@ def _stop(trainer, ok: bool) -> None:
     if trainer is not None:
         trainer.close(ok=ok)
         return
-    from srcid.train import distributed
-
-    distributed.shutdown(synchronize=ok)
+    dist_helpers.shutdown(synchronize=ok)
