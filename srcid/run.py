@@ -39,10 +39,10 @@ from srcid.train.warm_start import WarmStartConfig
 
 __all__ = [
     "CHECKPOINTS_DIR", "DEFAULT_BATCH_SIZE", "DEFAULT_SEED", "EVENTS_FILE", "KERNEL_CHOICES", "METRICS_CSV",
-    "MODEL_FILE", "PRESETS", "PROFILES", "RENAMED_KEYS", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE", "TRAIN_STATE_FILE",
-    "VARIANTS", "add_kernels_flag", "apply_profile_and_overrides", "build_parser", "default_ds_config",
-    "default_run_config", "kernels_argv", "load_run_config", "resolve_config", "train_argv", "train_command",
-    "use_kernels",
+    "MODEL_FILE", "PRESETS", "PROFILES", "RENAMED_KEYS", "RUN_CONFIG_FILE", "RunConfig", "TRAINER_MODULE",
+    "TRAIN_STATE_FILE", "VARIANTS", "add_kernels_flag", "apply_profile_and_overrides", "build_parser",
+    "default_ds_config", "default_run_config", "kernels_argv", "load_run_config", "resolve_config", "train_argv",
+    "train_command", "use_kernels",
 ]
 
 # --------------------------------------------------------------------------- the run directory
