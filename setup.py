@@ -25,6 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"srcid.kernels": "kernels"},
+    package_data={"srcid.train": ["ds_config_*.json"]},  # the trainer's default DeepSpeed configs
     install_requires=[
         # Minimums only: GPU users bring their own CUDA build of torch.
         # The Makefile pins the CPU build used for development and CI.

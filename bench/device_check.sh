@@ -41,7 +41,7 @@ declare -A WHAT=(
   [compile]="env -u TRITON_INTERPRET $PY -m kernels.compile_check --json DIR/compile_check.json (spills reported, compile errors fail)"
   [tests]="$PY -m pytest -q -rfEs tests/ops/test_nearest_code.py tests/ops/test_ema.py tests/ops/test_club.py tests/ops/test_dispatch.py tests/test_fused_training_step.py"
   [table]="$PY bench/kernel_table.py --out DIR"
-  [train]="$PY -m srcid.cli data synth --preset small; $PY launcher/train.py --model srcid $TRAIN_ARGS --quiet (bf16 from launcher/ds_config_gpu.json); clips/s and replica_check"
+  [train]="$PY -m srcid.cli data synth --preset small; $PY launcher/train.py --model srcid $TRAIN_ARGS --quiet (bf16 from srcid/train/ds_config_gpu.json); clips/s and replica_check"
   [train-2ranks]="$PY -m deepspeed.launcher.runner --num_gpus 2 launcher/train.py (same run on 2 ranks; only with 2+ GPUs)"
 )
 
@@ -225,7 +225,7 @@ step_train() {
   fi
   rm -rf "$WORK/data" "$WORK/run"
   "$PY" -m srcid.cli data synth --preset small --out "$WORK/data" || return 1
-  echo "precision: bf16 on CUDA (launcher/ds_config_gpu.json, the trainer's default there); settings: $TRAIN_ARGS"
+  echo "precision: bf16 on CUDA (srcid/train/ds_config_gpu.json, the trainer's default there); settings: $TRAIN_ARGS"
   RUN=run train_run "$PY" || return 1
   report_run "$WORK/run" train_metrics.csv
 }

@@ -5,7 +5,8 @@ GPU, N processes (NCCL):   deepspeed --num_gpus N launcher/train.py --model srci
 CPU, 2 processes (gloo):   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launcher/train.py --model srcid --preset small --data DATA --out RUN
 One process:               python launcher/train.py --model srcid --preset tiny --data DATA --out RUN
 
-``--help`` lists every flag; ``--set key=value`` overrides any run-config key.
+``--help`` lists every flag; ``--set key=value`` overrides any run-config key. Without a checkout the same
+trainer is ``python -m srcid.train.launch`` / ``deepspeed --module srcid.train.launch`` (srcid/train/launch.py).
 """
 import sys
 

@@ -13,7 +13,8 @@ import importlib
 import sys
 
 from srcid import __version__
-from srcid.errors import SrcidError
+from srcid.errors import SrcidError, os_error_line
+from srcid.run import use_kernels
 
 # command-group modules, in the order `srcid --help` lists them
 COMMAND_MODULES = [
@@ -22,14 +23,6 @@ COMMAND_MODULES = [
     "srcid.eval.commands",
     "srcid.study.commands",
 ]
-
-
-def add_kernels_flag(parser: argparse.ArgumentParser) -> None:
-    """The ``--kernels`` flag every compute command takes (see :mod:`srcid.ops`)."""
-    parser.add_argument(
-        "--kernels", choices=("auto", "fused", "reference"), default=None,
-        help="implementation of the hot ops (default: $SRCID_KERNELS, else auto = fused on CUDA)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,17 +42,12 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.extra_args = extra
     try:
-        if getattr(args, "kernels", None):
-            from srcid.ops import set_kernels
-
-            set_kernels(args.kernels)
+        use_kernels(args)
         result = args.func(args)
     except SrcidError as exc:
         print(f"srcid: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        from srcid.errors import os_error_line
-
         print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

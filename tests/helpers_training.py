@@ -1,4 +1,4 @@
-"""A few plain training steps of a model, for tests that need a trained (not random) model."""
+"""Training in the test process: a few plain steps of a model, the trainer's main, or a Trainer of one rank."""
 from __future__ import annotations
 
 from srcid.model import build_mi_fitter
@@ -19,14 +19,12 @@ def train_for_steps(model, loader, steps: int, *, layer2_weight: float) -> int:
     return done
 
 
-def train_in_process(monkeypatch, *argv) -> int:
-    """``launcher/train.py ARGV`` in this process, one thread, with no launch variables (so on a fresh local port).
+def one_process_env(monkeypatch) -> None:
+    """No launch variables (so a fresh local port) and one thread, for a trainer started in this process.
 
     DeepSpeed keeps a clone of the world process group across runs in one process; it is dropped here, as
     every run starts (and ends) its own process group."""
     from deepspeed.utils import groups
-
-    from srcid.train.trainer import main as train_main
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -34,4 +32,11 @@ def train_in_process(monkeypatch, *argv) -> int:
     for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
         if hasattr(groups, name):
             monkeypatch.setattr(groups, name, None)
+
+
+def train_in_process(monkeypatch, *argv) -> int:
+    """``launcher/train.py ARGV`` in this process (see :func:`one_process_env`)."""
+    from srcid.train.trainer import main as train_main
+
+    one_process_env(monkeypatch)
     return train_main([str(a) for a in argv])

@@ -62,7 +62,7 @@ def test_absent_keys_get_the_value_the_saved_file_meant():
 def test_a_run_config_saved_before_the_relative_trigger_keeps_the_absolute_one(tmp_path):
     import json
 
-    from srcid.train.trainer import default_run_config, load_run_config
+    from srcid.run import default_run_config, load_run_config
 
     config = default_run_config("srcid", "tiny")
     data = to_dict(config)
@@ -72,6 +72,20 @@ def test_a_run_config_saved_before_the_relative_trigger_keeps_the_absolute_one(t
     loaded = load_run_config(path)
     assert loaded.warm_start.mi_rel_threshold == 0.0 and loaded.model.text_target == "lstm"
     assert loaded.warm_start.window_steps == config.warm_start.window_steps  # a key present is read as saved
+
+
+def test_a_run_config_with_a_renamed_key_is_one_line_naming_the_new_key(tmp_path):
+    import json
+
+    from srcid.run import default_run_config, load_run_config
+
+    data = to_dict(default_run_config("srcid", "tiny"))
+    data["warm_start"]["mi_layer2_weight"] = data["warm_start"].pop("layer2_loss_weight")
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SrcidError) as caught:
+        load_run_config(path)
+    assert str(caught.value) == f"{path}: config key warm_start.mi_layer2_weight: renamed to warm_start.layer2_loss_weight"
 
 
 @dataclasses.dataclass

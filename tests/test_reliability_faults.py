@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import srcid.cli
 from helpers_model import SMALL_SHAPES
 from srcid.errors import SrcidError
-from srcid.train.checkpoint import CHECKPOINTS_DIR, PAUSE_STAGES, TEST_PAUSE_ENV, CheckpointManager, verify_checkpoint
+from srcid.run import CHECKPOINTS_DIR
+from srcid.train.checkpoint import PAUSE_STAGES, TEST_PAUSE_ENV, CheckpointManager, verify_checkpoint
 from srcid.train.distributed import free_port
 from srcid.train.trainer import main as train_main
 

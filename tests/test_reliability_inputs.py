@@ -278,7 +278,7 @@ def test_missing_data_creates_no_run_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_a_bad_literal_setting_lists_the_choices():
-    from srcid.train.trainer import apply_profile_and_overrides, default_run_config
+    from srcid.run import apply_profile_and_overrides, default_run_config
 
     with pytest.raises(SrcidError) as caught:
         apply_profile_and_overrides(default_run_config("srcid", "tiny"), ["warm_start.mode=bogus"])

@@ -20,7 +20,8 @@ from srcid.data.manifest import load_manifest
 from srcid.errors import SrcidError
 from srcid.model import build_model_from_manifest, model_config
 from srcid.model.export import export_model
-from srcid.train.trainer import RUN_CONFIG_FILE, prepare_run_dir
+from srcid.run import RUN_CONFIG_FILE
+from srcid.train.trainer import prepare_run_dir
 from helpers_training import train_in_process as train
 
 TRAIN_ARGS = ["--model", "srcid", "--preset", "tiny", "--max-steps", "2", "--quiet", "--set", "batch_size=8",
@@ -123,13 +124,12 @@ def test_eval_refuses_an_existing_json_and_overwrite_replaces_it_atomically(mode
     assert first["command"] == "eval" and "old" not in first
     capsys.readouterr()
 
-    # the disk fills while the new JSON is written: one line naming the file, the previous JSON intact
-    import srcid.eval.commands
-
+    # the disk fills while the new JSON is written (srcid.files writes it): one line naming the file, the previous
+    # JSON intact
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(srcid.eval.commands.os, "fsync", full)
+    monkeypatch.setattr("srcid.files.os.fsync", full)
     assert cli("eval", "--run", model_dir, "--data", synth_dir, *EVAL_ARGS, "--out", out, "--overwrite") == 2
     line = error_line(capsys)
     assert f"{out}: cannot write: No space left on device" in line
@@ -240,7 +240,6 @@ def test_data_import_and_synth_fail_before_reading(bad, tmp_path, cli, capsys, m
 
 
 def test_a_full_disk_while_exporting_is_one_line(model_dir, tmp_path, monkeypatch):
-    import srcid.model.export
     from srcid.model.export import load_model
 
     model, _ = load_model(model_dir / "model.safetensors")
@@ -248,7 +247,7 @@ def test_a_full_disk_while_exporting_is_one_line(model_dir, tmp_path, monkeypatc
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(srcid.model.export.os, "fsync", full)
+    monkeypatch.setattr("srcid.files.os.fsync", full)  # srcid.files writes the export
     with pytest.raises(SrcidError) as caught:
         export_model(model, variant="srcid", config=model.config, input_shapes=model.input_shapes,
                      path=tmp_path / "m.safetensors")

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import srcid.cli
-from srcid.config import valid_keys
 from srcid.errors import SrcidError
-from srcid.study.grid import (CLUB_LAYER_KEYS, PLANS, build_grid, codebook_sizes, matches, select, train_seed_list,
+from srcid.study.grid import (PLANS, build_grid, codebook_sizes, matches, preset_codebook_size, select, train_seed_list,
                               with_train_seeds)
-from srcid.study.runner import error_line, read_eval
-from srcid.train.trainer import LAUNCHER_DIR, default_run_config
+from srcid.study.cells import read_eval
+from srcid.study.runner import error_line
+from srcid.run import TRAINER_MODULE
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
 TINY_SIZES = [16, 32, 64]  # the tiny preset's codebook size 32 times 0.5, 1, 2
@@ -31,11 +31,6 @@ TABLE_METRIC = {"ave": "accuracy", "avvp": "precision", "ave-avvp": "f1", "ucf-v
 def study(*args, timeout=400):
     return subprocess.run([sys.executable, "-m", "srcid.cli", "study", *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def club_keys_available() -> bool:
-    keys = set(valid_keys(default_run_config("srcid", "tiny")))
-    return all(key in keys for key in CLUB_LAYER_KEYS.values())
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +71,9 @@ def test_results_json_is_complete(full):
     data = results_of(full)
     assert data["preset"] == "tiny" and data["seeds"] == [43] and data["failed"] == []
     assert data["command"].startswith("srcid study --preset tiny --out ")
-    grid = build_grid(PLANS["tiny"], 32, valid_keys(default_run_config("srcid", "tiny")))
+    grid = build_grid(PLANS["tiny"])
     assert list(data["cells"]) == [cell.name for cell in grid]
     for name, cell in data["cells"].items():
-        if cell["unavailable"]:
-            assert not club_keys_available() and cell["status"] == "unavailable" and "CLUB" in cell["unavailable"]
-            continue
         assert cell["status"] == "finished", name
         assert (Path(cell["run_dir"]) / "model.safetensors").is_file()
         assert set(cell["evaluations"]) == ({"1,2", "1"} if name == "srcid" else
@@ -102,7 +94,8 @@ def test_results_json_is_complete(full):
     assert [p["size"] for p in points] == TINY_SIZES and all(p["avg"] is not None for p in points)
     bars = {b["setting"]: b for b in data["figure3"]["club"]["bars"]}
     assert bars["CLUB in both layers"]["cell"] == "srcid" and bars["CLUB in both layers"]["avg"] is not None
-    assert all((b["avg"] is not None) == club_keys_available() for k, b in bars.items() if k != "CLUB in both layers")
+    assert [b["cell"] for b in bars.values()] == ["srcid", "srcid-no-club-l1", "srcid-no-club-l2"]
+    assert all(b["avg"] is not None for b in bars.values())
     assert [m["method"] for m in data["cross_modal_average"]] == DCID_ROWS + ["SRCID(only1)", "SRCID"]
 
 
@@ -219,8 +212,7 @@ def test_second_invocation_skips_finished_cells(full):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     skipped = [line for line in lines if line.endswith("finished earlier, skipped")]
-    available = [c for c, v in results_of(full)["cells"].items() if not v["unavailable"]]
-    assert len(skipped) == len(available) - 2
+    assert len(skipped) == len(results_of(full)["cells"]) - 2
     assert any("dcid-rvq3: evaluating with layers 1" in line for line in lines)
     assert any("dcid-fsq: checking for collapse" in line for line in lines)
     assert not any("dcid-fsq: evaluating" in line for line in lines)
@@ -244,7 +236,7 @@ def test_only_a_subset_with_a_resumed_and_a_failing_cell(full, tmp_path):
     # dcid-fsq was interrupted after 3 of its 8 steps: it is resumed from the checkpoint.
     fsq_run = out / "cells" / "dcid-fsq" / "run"
     pre = subprocess.run(
-        [sys.executable, str(LAUNCHER_DIR / "train.py"), "--model", "dcid-fsq", "--preset", "tiny",
+        [sys.executable, "-m", TRAINER_MODULE, "--model", "dcid-fsq", "--preset", "tiny",
          "--data", str(data / "pretrain"), "--out", str(fsq_run), "--epochs", "4", "--quiet", "--max-steps", "3",
          "--set", "batch_size=80", "--set", "log_every=1"],
         env=ENV, capture_output=True, text=True, timeout=300)
@@ -263,7 +255,7 @@ def test_only_a_subset_with_a_resumed_and_a_failing_cell(full, tmp_path):
     statuses = {name: cell["status"] for name, cell in data_json["cells"].items()}
     assert statuses["dcid-fsq"] == "finished" and statuses["dcid-vq"] == "failed"
     assert data_json["failed"] == ["dcid-vq"]
-    assert {s for n, s in statuses.items() if n not in ("dcid-fsq", "dcid-vq")} <= {"not run", "unavailable"}
+    assert {s for n, s in statuses.items() if n not in ("dcid-fsq", "dcid-vq")} == {"not run"}
     assert not (out / "cells" / "srcid").exists()
     assert row(data_json["tables"]["table1"], "DCID(FSQ)")["avg"] is not None
     assert row(data_json["tables"]["table1"], "DCID(VQ)")["avg"] is None
@@ -375,6 +367,8 @@ def test_bad_numbers_are_one_line(cli, full, tmp_path, flags, message):
     ("seed=3", "--set seed=3: seed is set by the study (--train-seeds), not by --set"),
     ("batch_size=8", "batch_size is set by the study (--processes)"),
     ("profile", "--set 'profile': expected KEY=VALUE"),
+    ("warm_start.mi_layer2_weight=0.3", "--set: config key warm_start.mi_layer2_weight: renamed to "
+                                         "warm_start.layer2_loss_weight"),
 ])
 def test_bad_set_items_are_one_line_before_anything_is_written(cli, tmp_path, item, message):
     code, _, err = cli("study", "--preset", "tiny", "--out", tmp_path / "s", "--set", item)
@@ -394,13 +388,11 @@ def test_out_that_is_a_file_is_one_line(cli, tmp_path):
 
 def test_grid_per_preset_and_club_cells():
     for preset, size in (("tiny", 32), ("small", 128), ("paper", 400)):
+        assert preset_codebook_size(preset) == size
         sizes = codebook_sizes(PLANS[preset], size)
         assert size in sizes and len(sizes) >= (5 if preset != "tiny" else 3)
     assert codebook_sizes(PLANS["paper"], 400) == (100, 200, 300, 400, 500, 600, 800)
-    without = {c.name: c for c in build_grid(PLANS["small"], 128, ["model.quantizer.codebook_size"])}
-    assert without["srcid-no-club-l1"].unavailable and "model.weights.mi_layer1" in without["srcid-no-club-l1"].unavailable
-    with_keys = {c.name: c for c in build_grid(PLANS["small"], 128, CLUB_LAYER_KEYS.values())}
-    assert with_keys["srcid-no-club-l1"].unavailable is None
+    with_keys = {c.name: c for c in build_grid(PLANS["small"])}  # the small preset's codebook size: 128
     assert with_keys["srcid-no-club-l1"].overrides == ("model.weights.mi_layer1=0",)
     assert with_keys["srcid-no-club-l2"].overrides == ("model.weights.mi_layer2=0",)
     assert with_keys["srcid-codebook-32"].overrides == ("model.quantizer.codebook_size=32",)
@@ -410,12 +402,12 @@ def test_grid_per_preset_and_club_cells():
 
 def test_training_seed_repeats_of_the_grid():
     assert train_seed_list(1) == [43] and train_seed_list(3) == [43, 1, 2]
-    grid = build_grid(PLANS["small"], 128, ["model.quantizer.codebook_size"])  # no CLUB keys: two unavailable cells
+    grid = build_grid(PLANS["small"])
     cells = with_train_seeds(grid, train_seed_list(3))
     names = [c.name for c in cells]
     assert names[:4] == ["srcid", "srcid-seed1", "srcid-seed2", "dcid-vq"]
-    assert "srcid-no-club-l1" in names and "srcid-no-club-l1-seed1" not in names
-    assert len(cells) == 3 * 10 + 2
+    assert "srcid-no-club-l1-seed2" in names
+    assert len(cells) == 3 * 12
     repeat = cells[2]
     assert (repeat.train_seed, repeat.base, repeat.group) == (2, "srcid", "srcid")
     assert repeat.overrides == ("seed=2", "model.seed=2") and repeat.layers == ("1,2", "1")
@@ -449,7 +441,7 @@ def test_pooling_over_training_seeds_uses_the_runs_that_finished():
 
 
 def test_only_patterns_glob_and_regex():
-    cells = build_grid(PLANS["tiny"], 32, [])
+    cells = build_grid(PLANS["tiny"])
     names = lambda *patterns: [c.name for c in select(cells, patterns)]
     assert names("dcid-rvq*") == ["dcid-rvq2", "dcid-rvq3", "dcid-rvq4"]
     assert names("rvq[23]") == ["dcid-rvq2", "dcid-rvq3"]
@@ -475,21 +467,21 @@ def test_error_line_and_incomplete_evaluations(tmp_path):
 
 
 def test_commands_for_several_processes_and_kernels(tmp_path):
-    from srcid.study.runner import Settings, eval_command, inspect_command, train_command
+    from srcid.study.cells import Settings, train_spec
+    from srcid.study.runner import eval_command, inspect_command, train_command
 
     settings = Settings(plan=PLANS["small"], out=tmp_path, data=tmp_path / "data", seeds=2, max_steps=None,
                         processes=4, kernels="reference", command="srcid study")
-    cell = {c.name: c for c in build_grid(PLANS["small"], 128, [])}["srcid-codebook-64"]
+    cell = {c.name: c for c in build_grid(PLANS["small"])}["srcid-codebook-64"]
     command = train_command(cell, settings, tmp_path / "run", resume=True)
     assert Path(command[0]).name == "deepspeed" and command[1:3] == ["--num_gpus", "4"]
-    assert command[5] == str(LAUNCHER_DIR / "train.py")
+    assert command[5:7] == ["--module", TRAINER_MODULE]  # the installed trainer: no checkout needed
     joined = " ".join(command)
     assert "--model srcid --preset small" in joined and f"--data {tmp_path / 'data' / 'pretrain'}" in joined
     assert "--epochs 20" in joined and "--max-steps" not in joined and joined.endswith("--kernels reference --resume")
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
     assert sets == ["batch_size=20", "log_every=10", "model.quantizer.codebook_size=64"]
     # --set items reach every cell's training, before the cell's own, and are part of what decides the model
-    from srcid.study.runner import train_spec
     profiled = dataclasses.replace(settings, overrides=["profile=authors", "model.quantizer.codebook_size=16"])
     command = train_command(cell, profiled, tmp_path / "run", resume=False)
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]

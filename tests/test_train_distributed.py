@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from srcid.run import default_ds_config
+
 REPO = Path(__file__).resolve().parents[1]
-CPU_CONFIG = REPO / "launcher" / "ds_config_cpu.json"
-GPU_CONFIG = REPO / "launcher" / "ds_config_gpu.json"
+CPU_CONFIG = default_ds_config("cpu")
+GPU_CONFIG = default_ds_config("cuda")
 SUM_SIZES = (1, 7, 1000)
 LR = 4e-4
 CLIP = 0.5
@@ -95,14 +97,12 @@ def worker_collectives(out_dir):
     rank, world, local_rank, device = D.init_distributed(timeout_s=60)
     report = {"rank": rank, "world": world, "local_rank": local_rank, "device": str(device)}
     report["sums"] = [D.all_reduce_sum_(sum_input(rank, n)).tolist() for n in SUM_SIZES]
-    report["averages"] = [D.all_reduce_average_(sum_input(rank, n)).tolist() for n in SUM_SIZES]
     report["mean"] = D.all_reduce_mean({"b": torch.tensor(1.5 + rank), "a": 10.0 * rank})
-    report["any_none"] = D.any_rank_failed(False)
-    report["any_one"] = D.any_rank_failed(rank == 1)
-    report["failed_ranks"] = D.failed_ranks(rank == 1)
+    report["no_failure"] = D.exchange_step_status(False)[0]
+    report["failed_ranks"] = D.exchange_step_status(rank == 1)[0]
     report["stages"] = {}
     for stage in (0, 1, 2):
-        config = D.load_ds_config(CPU_CONFIG, zero_stage=stage, micro_batch_size=4)
+        config = D.load_ds_config(CPU_CONFIG, zero_stage=stage, micro_batch_size=4, lr=LR, grad_clip=CLIP)
         model = tiny_model(seed=rank)  # different per rank: DeepSpeed broadcasts rank 0's parameters
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         base = engine.optimizer.optimizer if stage else engine.optimizer
@@ -185,12 +185,12 @@ def worker_single(out_dir):
     values = sum_input(0, 7)
     summed = D.all_reduce_sum_(values.clone())
     model = tiny_model(seed=0)
-    config = D.load_ds_config(CPU_CONFIG, micro_batch_size=4)
+    config = D.load_ds_config(CPU_CONFIG, micro_batch_size=4, lr=LR, grad_clip=CLIP)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     train_steps(engine, 0, [0])
     report = {"rank": rank, "world": world, "local_rank": local_rank, "device": str(device),
               "sum_unchanged": torch.equal(summed, values), "mean": D.all_reduce_mean({"x": torch.tensor(2.5)}),
-              "failed": D.failed_ranks(True), "seed": D.seed_everything(43, 0),
+              "failed": D.exchange_step_status(True)[0], "seed": D.seed_everything(43, 0),
               "draw": torch.rand(2).tolist(), "seed1": D.seed_everything(43, 1), "draw1": torch.rand(2).tolist()}
     D.seed_everything(43, 0)
     report["draw_again"] = torch.rand(2).tolist()
@@ -246,12 +246,8 @@ def test_collectives_deepspeed_zero_stages_checkpoint_and_fault_flag(tmp_path):
         for size, got in zip(SUM_SIZES, report["sums"]):
             expected = sum_input(0, size).double() + sum_input(1, size).double()
             assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, rtol=1e-6, atol=1e-6)
-        for size, got in zip(SUM_SIZES, report["averages"]):
-            expected = (sum_input(0, size).double() + sum_input(1, size).double()) / 2
-            assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, rtol=1e-6, atol=1e-6)
         assert report["mean"] == {"a": 5.0, "b": 2.0}
-        assert report["any_none"] is False and report["any_one"] is True
-        assert report["failed_ranks"] == [1]
+        assert report["no_failure"] == [] and report["failed_ranks"] == [1]
         # DeepSpeed's own loader runs with weights_only forced: the tampered checkpoint is refused
         assert report["refused"]["code_ran"] is False
         assert "tampered: cannot load the DeepSpeed engine state: refused to unpickle posix.mkdir" in (
@@ -338,26 +334,37 @@ def test_single_process_without_launcher(tmp_path):
 
 
 def test_configs_are_valid_deepspeed_configs():
+    import json
+
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from srcid.errors import SrcidError
+    from srcid.run import DEFAULT_BATCH_SIZE, default_run_config
     from srcid.train.distributed import load_ds_config
+    from srcid.train.trainer import engine_config
 
     for path, bf16 in ((CPU_CONFIG, False), (GPU_CONFIG, True)):
+        # the run config is the one source of the keys it owns: the shipped files do not set them
+        owned = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                 "gradient_clipping", "zero_optimization"}
+        raw_file = json.loads(path.read_text())
+        assert not owned & set(raw_file) and "lr" not in raw_file["optimizer"]["params"]
         for stage in (0, 1, 2):
-            raw = load_ds_config(path, zero_stage=stage, micro_batch_size=80, gradient_accumulation_steps=2)
-            parsed = DeepSpeedConfig(raw)  # no process group here: world size 1
+            run = default_run_config("srcid", "tiny")
+            run.zero_stage, run.gradient_accumulation = stage, 2
+            parsed = DeepSpeedConfig(engine_config(run, path))  # no process group here: world size 1
             assert parsed.zero_optimization_stage == stage
             assert parsed.bfloat16_config.enabled is bf16 and parsed.float16_config.enabled is False
-            assert parsed.gradient_clipping == CLIP
+            assert parsed.gradient_clipping == CLIP == run.grad_clip
+            assert parsed.train_micro_batch_size_per_gpu == DEFAULT_BATCH_SIZE == 80
             assert parsed.train_batch_size == 80 * 2
             assert parsed.optimizer_name == "adam"
-            assert parsed.optimizer_params["lr"] == LR and parsed.optimizer_params["torch_adam"] is True
+            assert parsed.optimizer_params["lr"] == LR == run.lr and parsed.optimizer_params["torch_adam"] is True
             assert parsed.optimizer_params["adam_w_mode"] is False and parsed.optimizer_params["weight_decay"] == 0
     with pytest.raises(SrcidError, match="ZeRO stage"):
         load_ds_config(CPU_CONFIG, zero_stage=3)
     with pytest.raises(SrcidError, match="not found"):
-        load_ds_config(REPO / "launcher" / "missing.json")
+        load_ds_config(REPO / "missing.json")
 
 
 def test_in_process_argument_errors(monkeypatch):

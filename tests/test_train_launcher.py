@@ -27,7 +27,7 @@ TRAIN_ARGS = ["--model", "srcid", "--preset", "tiny", "--max-steps", "24", "--ep
               "--set", "warm_start.mode=epoch", "--set", "warm_start.switch_epoch=1"]
 
 
-ADAM_LR = 4e-4  # launcher/ds_config_cpu.json
+ADAM_LR = 4e-4  # the run config's default lr
 
 
 def _env():

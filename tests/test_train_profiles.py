@@ -2,7 +2,8 @@
 import pytest
 
 from srcid.errors import SrcidError
-from srcid.train.trainer import PROFILES, build_parser, resolve_config
+from srcid.run import PROFILES, build_parser, resolve_config
+from srcid.train.warm_start import WarmStart
 
 
 def resolve(tmp_path, *items):
@@ -37,3 +38,32 @@ def test_default_profile_changes_nothing_and_explicit_settings_win(tmp_path):
 def test_unknown_profile_lists_the_valid_ones(tmp_path):
     with pytest.raises(SrcidError, match="profile=bogus: choose one of default, authors"):
         resolve(tmp_path, "profile=bogus")
+
+
+def test_a_renamed_key_in_set_is_one_line_naming_the_new_key(tmp_path):
+    with pytest.raises(SrcidError) as caught:
+        resolve(tmp_path, "warm_start.mi_layer2_weight=0.3")
+    assert str(caught.value) == "config key warm_start.mi_layer2_weight: renamed to warm_start.layer2_loss_weight"
+    config = resolve(tmp_path, "warm_start.layer2_loss_weight=0.3", "warm_start.mode=off")
+    assert WarmStart(config.warm_start).layer2_weight == pytest.approx(0.3)  # layer 2's whole loss weight
+    assert config.model.weights.mi_layer2 == 1.0  # the CLUB term's own factor is another key
+
+
+def test_every_set_example_of_the_help_is_a_valid_setting():
+    """`srcid train --help` (and `srcid study --help`) show --set examples: each must name a run-config key and a
+    value the trainer accepts."""
+    import re
+
+    import srcid.cli
+    from srcid.config import valid_keys
+    from srcid.run import apply_profile_and_overrides, default_run_config
+
+    commands = srcid.cli.build_parser()._subparsers._group_actions[0].choices
+    texts = [build_parser().format_help(), commands["study"].format_help()]
+    found = [m for text in texts for m in re.findall(r"--set ([A-Za-z_][\w.]*=[\w.\-]+)", " ".join(text.split()))]
+    items = [item for item in found if item != "KEY=VALUE"]  # the flag's metavar
+    assert len(items) >= 4, items  # the trainer's three and the study's profile=authors
+    keys = set(valid_keys(default_run_config("srcid", "small")))
+    for item in items:
+        assert item.split("=", 1)[0] in keys, item
+        apply_profile_and_overrides(default_run_config("srcid", "small"), [item])  # the value is accepted too

@@ -6,9 +6,9 @@ import math
 import sys
 from pathlib import Path
 
-from srcid.cli import add_kernels_flag
 from srcid.errors import SrcidError, check_writable_folder
 from srcid.files import write_json_atomic
+from srcid.run import add_kernels_flag
 
 DATA_FOLDERS = "ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/"
 PROTOCOL_DESCRIPTIONS = {

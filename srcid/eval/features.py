@@ -33,8 +33,8 @@ from srcid.errors import DataError, SrcidError, check_writable_folder
 from srcid.files import write_json_atomic
 from srcid.model.export import WEIGHTS_SUFFIX, load_model
 from srcid.model.inputs import fit_steps
+from srcid.run import MODEL_FILE
 
-MODEL_FILE = "model.safetensors"
 DEFAULT_BATCH = 256
 LAYER_CHOICES = {"1": (1,), "1,2": (1, 2)}
 CODES_TASK = "codes"

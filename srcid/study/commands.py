@@ -4,8 +4,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from srcid.cli import add_kernels_flag
 from srcid.errors import SrcidError
+from srcid.run import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS, add_kernels_flag, apply_profile_and_overrides,
+                       default_run_config)
+from srcid.study.cells import CELLS_DIR, Settings, rank_batch
+from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
+from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
+from srcid.study.runner import Runner, prepare_data
 
 
 def _positive(name: str, value) -> None:
@@ -37,8 +42,6 @@ STUDY_KEYS = {"variant": "the cell", "preset": "--preset", "epochs": "the preset
 
 def check_overrides(overrides: list, preset: str) -> list:
     """``--set`` items for every cell's training: each a valid ``KEY=VALUE`` of the trainer, none the study sets."""
-    from srcid.train.trainer import apply_profile_and_overrides, default_run_config
-
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item or not key:
@@ -54,21 +57,14 @@ def check_overrides(overrides: list, preset: str) -> list:
 
 
 def _study(args) -> int:
-    from srcid.config import valid_keys
-    from srcid.study.grid import build_grid, plan_for, select, train_seed_list, with_train_seeds
-    from srcid.study.report import PLOT_FILES, RESULTS_FILE, TABLES_FILE, write_report
-    from srcid.study.runner import CELLS_DIR, Runner, Settings, prepare_data, rank_batch
-    from srcid.train.trainer import default_run_config
-
     plan = plan_for(args.preset)
     overrides = check_overrides(args.overrides, plan.preset)
     for name in ("--seeds", "--train-seeds", "--max-steps", "--processes"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     if args.out.exists() and not args.out.is_dir():
         raise SrcidError(f"--out {args.out}: is a file; name a folder for the study")
-    config = default_run_config("srcid", plan.preset)
     train_seeds = train_seed_list(args.train_seeds or 1)
-    grid = with_train_seeds(build_grid(plan, config.model.quantizer.codebook_size, valid_keys(config)), train_seeds)
+    grid = with_train_seeds(build_grid(plan), train_seeds)
     selected = select(grid, args.only)
     processes = args.processes or 1
     rank_batch(plan, processes)
@@ -99,7 +95,7 @@ def register(sub) -> None:
                     "Tables I-III, Fig. 3 and training curves into STUDY_DIR (see docs/STUDY.md). Finished cells "
                     "are skipped, interrupted trainings resumed.",
     )
-    p.add_argument("--preset", required=True, metavar="{tiny,small,paper}",
+    p.add_argument("--preset", required=True, metavar="{" + ",".join(PRESETS) + "}",
                    help="model sizes, training length and head epochs (tiny: tests; small: 2 CPU cores; paper: GPU)")
     p.add_argument("--data", type=Path, default=None, metavar="DATA_DIR",
                    help="folder with pretrain/, ave/, avvp/, ave_avvp/, ucf_vgg/, retrieval/ "
@@ -109,11 +105,12 @@ def register(sub) -> None:
                    help="run only the cells whose name matches: a glob (dcid-*) or a regular expression (rvq[23]); "
                         "repeatable")
     p.add_argument("--processes", type=int, default=None, metavar="N",
-                   help="training processes per cell through deepspeed (default 1); the global batch stays 80")
+                   help="training processes per cell through deepspeed (default 1); the global batch stays "
+                        f"{DEFAULT_BATCH_SIZE}")
     p.add_argument("--seeds", type=int, default=None, metavar="S", help="head seeds per evaluation (default: the preset's)")
     p.add_argument("--train-seeds", type=int, default=None, metavar="T",
-                   help="train every cell with T training seeds (43, 1, 2, ...; repeats are named <cell>-seed<S>); "
-                        "the tables pool the T x S runs (default 1)")
+                   help=f"train every cell with T training seeds ({DEFAULT_SEED}, 1, 2, ...; repeats are named "
+                        "<cell>-seed<S>); the tables pool the T x S runs (default 1)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop every training after N steps (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,8 +21,9 @@ import re
 from typing import Optional
 
 from srcid.errors import SrcidError
+from srcid.model import model_config
+from srcid.run import DEFAULT_BATCH_SIZE, DEFAULT_SEED, PRESETS
 
-PRESETS = ("tiny", "small", "paper")
 CODEBOOK_KEY = "model.quantizer.codebook_size"
 # Per-layer factors on the CLUB MI loss weight (the effective weight of layer k is weights.mi x this factor).
 CLUB_LAYER_KEYS = {1: "model.weights.mi_layer1", 2: "model.weights.mi_layer2"}
@@ -36,7 +37,6 @@ QUANTIZER_BASELINES = (
     ("dcid-rvq4", "dcid-rvq4", "DCID(RVQ-4)"),
 )
 CLUB_SETTINGS = {"both": "CLUB in both layers", 1: "no CLUB in layer 1", 2: "no CLUB in layer 2"}
-DEFAULT_TRAIN_SEED = 43  # the trainer's default seed: the cells without a -seed<S> suffix
 TRAIN_SEED_KEYS = ("seed", "model.seed")  # what a training seed sets: weights, data order, the model's own draws
 
 
@@ -48,24 +48,25 @@ class Plan:
     epochs: int  # epochs over the pretraining split
     max_steps: Optional[int]  # optimizer steps, when it stops before the epochs run out
     log_every: int  # steps between metric rows (the MI curves' resolution)
-    global_batch: int  # clips per optimizer step over all processes (the paper's 80)
     seeds: int  # head seeds per evaluation
     epochs_cls: int  # classification head epochs
     epochs_loc: int  # localization head epochs
     codebook_factors: tuple  # Fig. 3 sizes, as multiples of the preset's codebook size
+    # clips per optimizer step over all processes: the trainer's default batch (the paper's), whatever the processes
+    global_batch: int = DEFAULT_BATCH_SIZE
 
 
 PLANS = {
     # Test-suite smoke run: 8 steps (224 clips, batch 80: 2 steps per epoch), so the
     # warm-start fallback (epoch 3, step 6) happens inside the run.
-    "tiny": Plan("tiny", epochs=4, max_steps=8, log_every=1, global_batch=80, seeds=1, epochs_cls=2, epochs_loc=2,
+    "tiny": Plan("tiny", epochs=4, max_steps=8, log_every=1, seeds=1, epochs_cls=2, epochs_loc=2,
                  codebook_factors=(0.5, 1.0, 2.0)),
     # About 80 minutes on 2 CPU cores (docs/STUDY.md has the arithmetic): 20 epochs = 900 steps per cell.
-    "small": Plan("small", epochs=20, max_steps=None, log_every=10, global_batch=80, seeds=3, epochs_cls=30,
-                  epochs_loc=50, codebook_factors=(0.25, 0.5, 1.0, 1.5, 2.0)),
+    "small": Plan("small", epochs=20, max_steps=None, log_every=10, seeds=3, epochs_cls=30, epochs_loc=50,
+                  codebook_factors=(0.25, 0.5, 1.0, 1.5, 2.0)),
     # The paper's schedule: 6 epochs, batch 80, heads 30/50 epochs.
-    "paper": Plan("paper", epochs=6, max_steps=None, log_every=10, global_batch=80, seeds=3, epochs_cls=30,
-                  epochs_loc=50, codebook_factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
+    "paper": Plan("paper", epochs=6, max_steps=None, log_every=10, seeds=3, epochs_cls=30, epochs_loc=50,
+                  codebook_factors=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
 }
 
 
@@ -80,8 +81,7 @@ class Cell:
     layers: tuple = (LAYERS_ONLY1,)  # one evaluation per entry: "1" or "1,2"
     codebook_size: int = 0
     club: object = "both"  # "both", or the layer (1 or 2) whose CLUB loss is off
-    unavailable: Optional[str] = None  # why this version cannot train it
-    train_seed: int = DEFAULT_TRAIN_SEED
+    train_seed: int = DEFAULT_SEED
     base: str = ""  # the cell this one repeats with another training seed ("": itself)
 
     @property
@@ -102,23 +102,23 @@ def codebook_sizes(plan: Plan, default_size: int) -> tuple:
     return tuple(sizes)
 
 
-def build_grid(plan: Plan, default_size: int, config_keys) -> list:
-    """Every cell of ``plan``'s study, most important first.
+def preset_codebook_size(preset: str) -> int:
+    """The codebook size of ``preset``'s model (the ``srcid`` cell's; Fig. 3's sizes are multiples of it)."""
+    return model_config(preset).quantizer.codebook_size
 
-    ``config_keys``: the run-config keys this version accepts (``--set``);
-    the CLUB-ablation cells need the per-layer MI weights of
-    :data:`CLUB_LAYER_KEYS` and are marked unavailable without them.
-    """
-    keys = set(config_keys)
+
+def build_grid(plan: Plan, default_size: Optional[int] = None) -> list:
+    """Every cell of ``plan``'s study, most important first; ``default_size``: the preset's codebook size unless
+    given. Only the codebook-size cells set the size (to another one); every other cell trains the preset's."""
+    if default_size is None:
+        default_size = preset_codebook_size(plan.preset)
     cells = [Cell("srcid", "srcid", "SRCID", layers=(LAYERS_FULL, LAYERS_ONLY1), codebook_size=default_size)]
     for name, variant, label in QUANTIZER_BASELINES:
         cells.append(Cell(name, variant, label, codebook_size=default_size))
     for layer in (1, 2):
-        key = CLUB_LAYER_KEYS[layer]
-        missing = None if key in keys else (f"the model config has no per-layer CLUB weight ({key}); "
-                                            "the CLUB ablation needs it")
-        cells.append(Cell(f"srcid-no-club-l{layer}", "srcid", CLUB_SETTINGS[layer], overrides=(f"{key}=0",),
-                          layers=(LAYERS_FULL,), codebook_size=default_size, club=layer, unavailable=missing))
+        cells.append(Cell(f"srcid-no-club-l{layer}", "srcid", CLUB_SETTINGS[layer],
+                          overrides=(f"{CLUB_LAYER_KEYS[layer]}=0",), layers=(LAYERS_FULL,),
+                          codebook_size=default_size, club=layer))
     for size in codebook_sizes(plan, default_size):
         if size != default_size:
             cells.append(Cell(f"srcid-codebook-{size}", "srcid", f"codebook {size}", overrides=(f"{CODEBOOK_KEY}={size}",),
@@ -127,20 +127,18 @@ def build_grid(plan: Plan, default_size: int, config_keys) -> list:
 
 
 def train_seed_list(count: int) -> list:
-    """``count`` training seeds: the trainer's default (43), then 1, 2, ..."""
-    return [DEFAULT_TRAIN_SEED] + list(range(1, count))
+    """``count`` training seeds: the trainer's default (:data:`srcid.run.DEFAULT_SEED`), then 1, 2, ..."""
+    return [DEFAULT_SEED] + list(range(1, count))
 
 
 def with_train_seeds(cells: list, seeds: list) -> list:
     """Each cell, then its repeats with the other training seeds (``<name>-seed<S>``), in grid order.
 
-    A repeat adds ``--set seed=S --set model.seed=S`` to the cell's overrides. Unavailable cells are not repeated.
+    A repeat adds ``--set seed=S --set model.seed=S`` to the cell's overrides.
     """
     out = []
     for cell in cells:
         out.append(cell)
-        if cell.unavailable:
-            continue
         for seed in seeds[1:]:
             out.append(dataclasses.replace(
                 cell, name=f"{cell.name}-seed{seed}", train_seed=seed, base=cell.name,

@@ -11,10 +11,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 AVG_LABEL = "cross-modal average (%)"
 
 
 def _figure(width: float = 6.4, height: float = 3.8):
+    # matplotlib here, not at the top: `srcid --help` imports the study, only a finished study draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -107,8 +110,6 @@ def club_bars(bars: list, path: Path) -> Path:
 
 def mi_curves(curves: Optional[dict], path: Path) -> Path:
     """Lines: the CLUB MI estimate per layer against the step, the warm-start switch and threshold marked."""
-    import numpy as np
-
     figure, axes = _figure()
     layers = (curves or {}).get("layers") or {}
     if layers:

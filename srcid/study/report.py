@@ -25,9 +25,15 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from srcid import __version__
+from srcid.eval.tables import AVG, format_cell, table1, table2, table3, to_markdown
+from srcid.eval.tasks import CROSS
 from srcid.files import write_atomic, write_json_atomic
+from srcid.run import METRICS_CSV, RUN_CONFIG_FILE
+from srcid.study import plots
+from srcid.study.cells import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
 from srcid.study.grid import CLUB_SETTINGS, LAYERS_FULL, LAYERS_ONLY1, QUANTIZER_BASELINES, Cell
-from srcid.study.runner import CellFiles, Settings, cell_evals, cell_inspection, cell_status, read_record
+from srcid.train.metrics_log import read_events, read_metrics
 
 TABLES_FILE = "tables.md"
 RESULTS_FILE = "results.json"
@@ -42,8 +48,6 @@ MI_CELL = "srcid"
 
 def split_results(results: dict) -> tuple:
     """``(cross, same, retrieval)`` of one evaluation's ``results``, in the shapes :mod:`srcid.eval.tables` reads."""
-    from srcid.eval.tasks import CROSS
-
     cross, same, retrieval = {}, {}, None
     for task, entry in results.items():
         if task == "retrieval":
@@ -142,8 +146,6 @@ def _titled(table: dict, title: str, caption: str) -> dict:
 
 def build_tables(cells: dict, seeds: list) -> dict:
     """Tables I, II and III (dicts of :mod:`srcid.eval.tables`)."""
-    from srcid.eval.tables import table1, table2, table3
-
     cross1, same1 = {}, {}
     for name, _, label in QUANTIZER_BASELINES:
         if name in cells:
@@ -171,15 +173,11 @@ def build_tables(cells: dict, seeds: list) -> dict:
 
 
 def _row_average(row: dict) -> Optional[dict]:
-    from srcid.eval.tables import AVG
-
     return row[AVG]
 
 
 def figure3(cells: dict, seeds: list) -> dict:
     """Fig. 3's data: SRCID's cross-modal results per codebook size and per CLUB setting (Table II layout)."""
-    from srcid.eval.tables import table2
-
     sized = sorted((c for c in cells.values() if c.cell.variant == "srcid" and c.cell.club == "both"),
                    key=lambda c: c.cell.codebook_size)
     codebook_rows = {f"codebook {c.cell.codebook_size}": c.parts(LAYERS_FULL)[0] for c in sized}
@@ -194,7 +192,7 @@ def figure3(cells: dict, seeds: list) -> dict:
                          "SRCID (layers 1,2) with the CLUB MI loss in both layers, or switched off in one layer; "
                          "cross-modal results (%).")
     bars = [{"setting": CLUB_SETTINGS[c.cell.club], "cell": c.cell.name, "status": c.status,
-             "unavailable": c.cell.unavailable, "avg": _row_average(row)}
+             "avg": _row_average(row)}
             for c, row in zip(club_cells, club_table["rows"])]
     return {"codebook_size": {"table": codebook_table, "points": points},
             "club": {"table": club_table, "bars": bars}}
@@ -209,9 +207,7 @@ def method_averages(tables: dict) -> list:
 
 def mi_curves(run_dir: Path) -> Optional[dict]:
     """Per layer, the CLUB MI estimate (mean over modalities) against the step, and the warm-start switch."""
-    from srcid.train.metrics_log import read_events, read_metrics
-
-    if not (run_dir / "metrics.csv").is_file():
+    if not (run_dir / METRICS_CSV).is_file():
         return None
     series = read_metrics(run_dir)
     layers = {}
@@ -227,7 +223,7 @@ def mi_curves(run_dir: Path) -> Optional[dict]:
     switch = next((e for e in read_events(run_dir) if e["name"] == "warm_start_switch"), None)
     threshold = None
     try:
-        config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
+        config = json.loads((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         if config["warm_start"]["mode"] == "mi":
             threshold = float(config["warm_start"]["mi_threshold"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -247,7 +243,6 @@ def _cell_summary(result: CellResults) -> dict:
         "codebook_size": cell.codebook_size,
         "club": cell.club,
         "status": result.status,
-        "unavailable": cell.unavailable,
         "run_dir": str(result.files.run),
         "train": record.get("train"),
         "commands": record.get("commands", {}),
@@ -266,8 +261,6 @@ def _cell_summary(result: CellResults) -> dict:
 
 
 def _format_avg(avg: Optional[dict]) -> str:
-    from srcid.eval.tables import format_cell
-
     return format_cell(avg)
 
 
@@ -344,8 +337,6 @@ def _train_seed_note(settings: Settings, pooled: dict) -> list:
 
 
 def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves: Optional[dict], pooled: dict) -> str:
-    from srcid.eval.tables import to_markdown
-
     finished = sum(c.status == "finished" for c in cells.values())
     plan = settings.plan
     lines = [
@@ -386,16 +377,12 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         "",
         to_markdown(fig3["club"]["table"]),
     ]
-    for bar in fig3["club"]["bars"]:
-        if bar["unavailable"]:
-            lines.append(f"{bar['setting']} ({bar['cell']}): not trained: {bar['unavailable']}.")
-            lines.append("")
     lines += [f"![CLUB ablation]({PLOT_FILES['club']})", "", "## Training curves: CLUB MI per layer", ""]
     if curves is None:
         lines.append(f"No metrics yet from the `{MI_CELL}` cell.")
     else:
         switch = curves["switch"]
-        lines.append(f"From `{curves['run_dir']}/metrics.csv` (mean over modalities). "
+        lines.append(f"From `{curves['run_dir']}/{METRICS_CSV}` (mean over modalities). "
                      + ("Layer 2 did not switch on." if switch is None else
                         f"Layer 2 switched on at step {switch['step']}: {switch['info'].get('reason', '')}."))
     lines += ["", f"![MI curves]({PLOT_FILES['mi_curves']})", "", "## Collapse check", ""]
@@ -410,23 +397,19 @@ def _markdown(settings: Settings, cells: dict, tables: dict, fig3: dict, curves:
         status = result.status
         if status == "failed":
             status += ": " + result.record["failure"]["error"].replace("|", "\\|")
-        run = "-" if result.cell.unavailable else f"`{result.files.run}`"
-        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | {run} | {timing} |")
+        lines.append(f"| {result.cell.name} | {result.cell.label} | {status} | `{result.files.run}` | {timing} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(settings: Settings, grid: list, failed: list) -> dict:
     """Write ``tables.md``, ``results.json`` and the plots into the study folder; returns the JSON data."""
-    from srcid import __version__
-    from srcid.study import plots
-
     cells = collect(grid, settings)
     groups = group_runs(cells)
     # pooled runs have training x head values per cell, so the tables cannot label them by head seed
     seeds = settings.seed_list() if len(settings.train_seeds) == 1 else None
     tables = build_tables(groups, seeds)
     fig3 = figure3(groups, seeds)
-    pooled = {name: group.finished_runs() for name, group in groups.items() if not group.cell.unavailable}
+    pooled = {name: group.finished_runs() for name, group in groups.items()}
     averages = method_averages(tables)
     curves = mi_curves(cells[MI_CELL].files.run) if MI_CELL in cells else None
     out = settings.out

@@ -1,32 +1,15 @@
 """Running the grid: each cell's trainer and evaluations as subprocesses, resumable, with progress.
 
-Files of a cell, under ``STUDY_DIR/cells/<name>/``:
-
-``run/``
-    the trainer's run directory (checkpoints, ``metrics.csv``,
-    ``events.jsonl``, ``model.safetensors``).
-``eval-layers1.json``, ``eval-layers1-2.json``
-    ``srcid eval --task all`` results with layers 1 / layers 1,2.
-``inspect.json``
-    ``srcid inspect`` on the pretraining data: the collapse check (codes
-    used, spread of the specific outputs, relative reconstruction error).
-``train.log``, ``eval-layers*.log``, ``inspect.log``
-    the subprocesses' output.
-``cell.json``
-    the cell's record: its training settings, whether training finished,
-    the commands, times, and the last failure.
-
-A cell is finished when every evaluation JSON is present and complete (all
-tasks, the study's seeds, head epochs, data and layers), its collapse check
-is present, and its record says it was trained with the study's settings; finished cells are skipped. A
-training that stopped after a checkpoint is continued with ``--resume``;
-otherwise the cell trains from scratch. A failing subprocess fails its cell
-only: the next cells still run.
+What a cell holds and when it is finished is :mod:`srcid.study.cells`; this
+module prepares the data, builds the subprocesses' command lines (the
+trainer's through :func:`srcid.run.train_command`) and runs them. Finished
+cells are skipped. A training that stopped after a checkpoint is continued
+with ``--resume``; otherwise the cell trains from scratch. A failing
+subprocess fails its cell only: the next cells still run.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import shutil
@@ -36,27 +19,29 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from srcid.errors import SrcidError
-from srcid.files import write_json_atomic
-from srcid.study.grid import DEFAULT_TRAIN_SEED, Cell, Plan
+import torch
+from tqdm import tqdm
 
-CELLS_DIR = "cells"
-RECORD_FILE = "cell.json"
-RUN_DIR = "run"
-MODEL_FILE = "model.safetensors"
+from srcid.data.manifest import MANIFEST_NAME
+from srcid.data.synth import synthesize
+from srcid.errors import SrcidError
+from srcid.eval.tasks import TASK_FOLDERS
+from srcid.run import METRICS_CSV, MODEL_FILE, RUN_CONFIG_FILE, kernels_argv
+from srcid.run import train_command as trainer_command
+from srcid.study.cells import (CellFiles, Settings, check_settings_unchanged, cell_status, expected_eval, read_eval,
+                               read_inspection, read_record, train_overrides, train_spec, trained_with, write_record)
+from srcid.study.grid import Cell
+from srcid.train.checkpoint import CheckpointManager
+
 SYNTH_SEED = 0
 
 
 def data_folders() -> tuple:
     """The folders a study reads from DATA_DIR: ``pretrain`` and every evaluation task's."""
-    from srcid.eval.tasks import TASK_FOLDERS
-
     return ("pretrain",) + tuple(TASK_FOLDERS.values())
 
 
 def missing_folders(data_dir: Path) -> list:
-    from srcid.data.manifest import MANIFEST_NAME
-
     return [name for name in data_folders() if not (Path(data_dir) / name / MANIFEST_NAME).is_file()]
 
 
@@ -66,8 +51,6 @@ def prepare_data(data: Optional[Path], out: Path, preset: str, say: Callable[[st
     if data is None:
         data = out / "data"
         if not data.exists():
-            from srcid.data.synth import synthesize
-
             say(f"synthesizing the {preset} data into {data} ...")
             partial = out / ".data-partial"
             if partial.exists():
@@ -87,142 +70,15 @@ def prepare_data(data: Optional[Path], out: Path, preset: str, say: Callable[[st
     return data.resolve()
 
 
-def rank_batch(plan: Plan, processes: int) -> int:
-    """Clips per process and step for ``processes`` processes sharing the plan's global batch."""
-    if plan.global_batch % processes:
-        raise SrcidError(f"--processes {processes}: the global batch of {plan.global_batch} clips "
-                         "does not split evenly over the processes")
-    return plan.global_batch // processes
-
-
-@dataclasses.dataclass
-class Settings:
-    """One invocation of the study: the plan and what the command line changed."""
-
-    plan: Plan
-    out: Path
-    data: Path
-    seeds: int
-    max_steps: Optional[int]
-    processes: int
-    kernels: Optional[str]
-    command: str
-    train_seeds: list = dataclasses.field(default_factory=lambda: [DEFAULT_TRAIN_SEED])  # every cell's, in order
-    overrides: list = dataclasses.field(default_factory=list)  # --set items for every cell, before the cell's own
-
-    @property
-    def preset(self) -> str:
-        return self.plan.preset
-
-    @property
-    def steps_limit(self) -> Optional[int]:
-        return self.max_steps if self.max_steps is not None else self.plan.max_steps
-
-    @property
-    def rank_batch(self) -> int:
-        """Clips per process and step, so that all processes together take the plan's global batch."""
-        return rank_batch(self.plan, self.processes)
-
-    def train_steps(self) -> int:
-        """Optimizer steps of one cell (from the pretraining manifest's clip count)."""
-        from srcid.data.manifest import load_manifest
-
-        samples = load_manifest(self.data / "pretrain").splits["train"].samples
-        per_epoch = max(1, (samples // self.processes) // self.rank_batch)
-        total = per_epoch * self.plan.epochs
-        return total if self.steps_limit is None else min(total, self.steps_limit)
-
-    def seed_list(self) -> list:
-        from srcid.eval.probe import seed_list
-
-        return seed_list(self.seeds)
-
-
-class CellFiles:
-    """Where a cell keeps its run, evaluations, logs and record."""
-
-    def __init__(self, study_dir: Path, cell: Cell):
-        self.dir = Path(study_dir) / CELLS_DIR / cell.name
-        self.run = self.dir / RUN_DIR
-        self.record = self.dir / RECORD_FILE
-        self.train_log = self.dir / "train.log"
-        self.inspect_json = self.dir / "inspect.json"
-        self.inspect_log = self.dir / "inspect.log"
-
-    @staticmethod
-    def tag(layers: str) -> str:
-        return "layers" + layers.replace(",", "-")
-
-    def eval_json(self, layers: str) -> Path:
-        return self.dir / f"eval-{self.tag(layers)}.json"
-
-    def eval_log(self, layers: str) -> Path:
-        return self.dir / f"eval-{self.tag(layers)}.log"
-
-
-def read_record(files: CellFiles) -> dict:
-    try:
-        record = json.loads(files.record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def write_record(files: CellFiles, record: dict) -> None:
-    write_json_atomic(files.record, record, allow_nan=True)
-
-
 # --------------------------------------------------------------------------- commands
-
-
-def train_overrides(cell: Cell, settings: Settings) -> list:
-    return [f"batch_size={settings.rank_batch}", f"log_every={settings.plan.log_every}", *settings.overrides,
-            *cell.overrides]
-
-
-def train_spec(cell: Cell, settings: Settings) -> dict:
-    """Everything that decides a cell's trained model (compared on every invocation)."""
-    return {
-        "variant": cell.variant,
-        "preset": settings.preset,
-        "data": str(settings.data / "pretrain"),
-        "epochs": settings.plan.epochs,
-        "max_steps": settings.steps_limit,
-        "processes": settings.processes,
-        "overrides": train_overrides(cell, settings),
-    }
-
-
-def _deepspeed_launcher() -> str:
-    beside = Path(sys.executable).parent / "deepspeed"
-    found = str(beside) if beside.is_file() else shutil.which("deepspeed")
-    if not found:
-        raise SrcidError("--processes > 1 needs the deepspeed launcher, found neither beside python nor on PATH")
-    return found
 
 
 def train_command(cell: Cell, settings: Settings, run_dir: Path, *, resume: bool) -> list:
     """The trainer's command line for ``cell`` (``deepspeed --num_gpus N`` for several processes)."""
-    from srcid.train.distributed import free_port
-    from srcid.train.trainer import LAUNCHER_DIR
-
-    launcher = str(LAUNCHER_DIR / "train.py")
-    if settings.processes == 1:
-        head = [sys.executable, launcher]
-    else:
-        head = [_deepspeed_launcher(), "--num_gpus", str(settings.processes), "--master_port", str(free_port()),
-                launcher]
-    command = head + ["--model", cell.variant, "--preset", settings.preset, "--data", str(settings.data / "pretrain"),
-                      "--out", str(run_dir), "--epochs", str(settings.plan.epochs), "--quiet"]
-    if settings.steps_limit is not None:
-        command += ["--max-steps", str(settings.steps_limit)]
-    for item in train_overrides(cell, settings):
-        command += ["--set", item]
-    if settings.kernels:
-        command += ["--kernels", settings.kernels]
-    if resume:
-        command.append("--resume")
-    return command
+    return trainer_command(settings.processes, variant=cell.variant, preset=settings.preset,
+                           data=settings.data / "pretrain", out=run_dir, epochs=settings.plan.epochs,
+                           max_steps=settings.steps_limit, overrides=train_overrides(cell, settings),
+                           kernels=settings.kernels, resume=resume, quiet=True)
 
 
 def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> list:
@@ -232,142 +88,24 @@ def eval_command(settings: Settings, run_dir: Path, layers: str, out: Path) -> l
                "--task", "all", "--layers", layers, "--seeds", str(settings.seeds),
                "--epochs-cls", str(plan.epochs_cls), "--epochs-loc", str(plan.epochs_loc), "--out", str(out),
                "--overwrite"]  # the cell's own file: an evaluation made with other settings is redone
-    if settings.kernels:
-        command += ["--kernels", settings.kernels]
-    return command
+    return command + kernels_argv(settings.kernels)
 
 
 def inspect_command(settings: Settings, run_dir: Path, out: Path) -> list:
     """``srcid inspect`` (the collapse check) of a cell's run on the pretraining data."""
     command = [sys.executable, "-m", "srcid.cli", "inspect", "--run", str(run_dir), "--data",
                str(settings.data / "pretrain"), "--json", str(out), "--overwrite"]
-    if settings.kernels:
-        command += ["--kernels", settings.kernels]
-    return command
+    return command + kernels_argv(settings.kernels)
 
 
 def child_env(settings: Settings) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if settings.processes > 1 and "DS_ACCELERATOR" not in env:
-        import torch
-
-        if not torch.cuda.is_available():
-            env["DS_ACCELERATOR"] = "cpu"
+    if settings.processes > 1 and "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     return env
 
 
-# --------------------------------------------------------------------------- state
-
-
-def expected_eval(settings: Settings, layers: str) -> dict:
-    plan = settings.plan
-    return {
-        "layers": [int(k) for k in layers.split(",")],
-        "seeds": settings.seed_list(),
-        "epochs": {"classification": plan.epochs_cls, "localization": plan.epochs_loc},
-        "data": str(settings.data),
-    }
-
-
-def read_eval(path: Path, expected: dict) -> Optional[dict]:
-    """The evaluation JSON at ``path`` if it is complete and made with the expected settings, else None."""
-    from srcid.eval.tasks import TASKS
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("command") != "eval" or data.get("protocol") != "default":
-        return None
-    results = data.get("results")
-    if data.get("tasks_run") != list(TASKS) or not isinstance(results, dict) or set(results) != set(TASKS):
-        return None
-    if not isinstance(data.get("tables"), dict) or not isinstance(data.get("method"), str):
-        return None
-    if any(data.get(key) != value for key, value in expected.items()):
-        return None
-    return data
-
-
-def read_inspection(path: Path, run_dir: Path, settings: Settings) -> Optional[dict]:
-    """The ``srcid inspect`` JSON at ``path`` if it is of ``run_dir``'s model on the study's pretraining data, else None."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("command") != "inspect" or not isinstance(data.get("stats"), list):
-        return None
-    model = data.get("model")
-    if not isinstance(model, dict) or model.get("path") != str(Path(run_dir) / MODEL_FILE):
-        return None
-    if data.get("data") != str(settings.data / "pretrain") or not data["stats"]:
-        return None
-    return data
-
-
-def trained_with(files: CellFiles, spec: dict) -> bool:
-    """Whether the cell's record says its training finished with ``spec``."""
-    record = read_record(files)
-    return bool(record.get("trained")) and record.get("train") == spec and (files.run / MODEL_FILE).is_file()
-
-
-def cell_evals(cell: Cell, settings: Settings) -> dict:
-    """``{layers: evaluation JSON}`` of the cell's complete, current evaluations."""
-    files = CellFiles(settings.out, cell)
-    if not trained_with(files, train_spec(cell, settings)):
-        return {}
-    found = {}
-    for layers in cell.layers:
-        data = read_eval(files.eval_json(layers), expected_eval(settings, layers))
-        if data is not None:
-            found[layers] = data
-    return found
-
-
-def cell_inspection(cell: Cell, settings: Settings) -> Optional[dict]:
-    """The cell's current collapse check (``srcid inspect`` JSON), or None."""
-    files = CellFiles(settings.out, cell)
-    if not trained_with(files, train_spec(cell, settings)):
-        return None
-    return read_inspection(files.inspect_json, files.run, settings)
-
-
-def cell_status(cell: Cell, settings: Settings) -> str:
-    """``finished``, ``failed`` (last attempt), ``stale`` (trained with other settings), ``unavailable`` or ``not run``."""
-    if cell.unavailable:
-        return "unavailable"
-    if len(cell_evals(cell, settings)) == len(cell.layers) and cell_inspection(cell, settings) is not None:
-        return "finished"
-    files = CellFiles(settings.out, cell)
-    record = read_record(files)
-    if record.get("train") not in (None, train_spec(cell, settings)) and (files.run / "run_config.json").is_file():
-        return "stale"
-    if record.get("failure"):
-        return "failed"
-    return "not run"
-
-
-def check_settings_unchanged(cells: list, settings: Settings) -> None:
-    """Refuse to touch cells whose run was trained (or started) with other settings."""
-    changed = []
-    for cell in cells:
-        if cell.unavailable:
-            continue
-        files = CellFiles(settings.out, cell)
-        record = read_record(files)
-        spec = train_spec(cell, settings)
-        if record.get("train") not in (None, spec) and (files.run / "run_config.json").is_file():
-            diff = [k for k in spec if record["train"].get(k) != spec[k]]
-            changed.append(f"{cell.name} ({', '.join(diff)})")
-    if changed:
-        raise SrcidError(f"{settings.out / CELLS_DIR}: cells trained with other settings: {'; '.join(changed)}; "
-                         "use another --out or delete those cell folders")
-
-
 def _checkpoint_to_resume(run_dir: Path) -> bool:
-    from srcid.train.checkpoint import CheckpointManager
-    from srcid.train.trainer import RUN_CONFIG_FILE
-
     return (run_dir / RUN_CONFIG_FILE).is_file() and CheckpointManager(run_dir).latest() is not None
 
 
@@ -383,7 +121,7 @@ class Outcome:
     """What happened to one cell in this invocation."""
 
     name: str
-    status: str  # "finished", "skipped" (finished earlier), "failed", "unavailable"
+    status: str  # "finished", "skipped" (finished earlier), "failed"
     seconds: float = 0.0
     error: Optional[str] = None
 
@@ -414,8 +152,6 @@ def run_logged(command: list, log: Path, env: dict, *, append: bool = False, ste
 
     With ``steps`` and ``metrics_csv`` a step bar follows the run's logged steps (on a terminal).
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a" if append else "w", encoding="utf-8") as handle:
@@ -464,10 +200,6 @@ class Runner:
         outcomes = []
         for index, cell in enumerate(cells, start=1):
             prefix = f"[{index}/{len(cells)}] {cell.name}"
-            if statuses[cell.name] == "unavailable":
-                self.say(f"{prefix}: unavailable: {cell.unavailable}")
-                outcomes.append(Outcome(cell.name, "unavailable", error=cell.unavailable))
-                continue
             if statuses[cell.name] == "finished":
                 self.say(f"{prefix}: finished earlier, skipped")
                 outcomes.append(Outcome(cell.name, "skipped"))
@@ -510,7 +242,7 @@ class Runner:
             write_record(files, record)
             self.say(f"{prefix}: {'resuming' if resume else 'training'} {cell.label} ({steps} steps) ...")
             code, seconds = run_logged(command, files.train_log, self.env, append=resume, steps=steps,
-                                       metrics_csv=files.run / "metrics.csv", desc=cell.name)
+                                       metrics_csv=files.run / METRICS_CSV, desc=cell.name)
             record["seconds"]["train"] = record["seconds"].get("train", 0.0) + seconds if resume else seconds
             if code != 0:
                 return fail("training", code, files.train_log)

@@ -42,11 +42,10 @@ import torch
 
 from srcid.errors import CorruptFileError, SrcidError
 from srcid.files import fsync_path, write_atomic
+from srcid.run import CHECKPOINTS_DIR
 
-CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
-TRAIN_STATE_FILE = "train_state.json"
 ENGINE_TAG = "engine"
 _FINAL_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -497,6 +496,7 @@ def load_rng_state(path, generators: dict[str, torch.Generator] | None = None) -
 
 def deepspeed_safe_globals() -> list:
     """DeepSpeed data classes that its ZeRO checkpoints pickle (plain data, no code on load)."""
+    # deepspeed here, not at the top: `srcid export` and the run contract import this module without an engine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

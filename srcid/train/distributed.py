@@ -4,7 +4,7 @@ Fault propagation has three layers:
 
 1. A data error on one rank. Every step, at the same point on every rank
    (after fetching the batch, before the forward pass), the trainer calls
-   :func:`stop_if_any_rank_failed` (or :func:`any_rank_failed`): a
+   :func:`stop_if_any_rank_failed`: a
    one-element all-reduce of "did this rank fail". The failing rank raises
    its own error, the others raise a one-line :class:`SrcidError` naming
    it, and all exit at the same step. It runs every step rather than every
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 from srcid.errors import SrcidError
 from srcid.files import read_json_object
@@ -82,7 +83,7 @@ def _skip_cpu_inference_op() -> None:
     and building it needs a C++ compiler and takes about 40 s on first use.
     """
     try:
-        import deepspeed.ops
+        import deepspeed.ops  # deepspeed is imported by the functions that start it (seconds), as below
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     except (ImportError, AttributeError, TypeError):
@@ -97,7 +98,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     (``RANK``, ``WORLD_SIZE``, ...) it runs as a single process on a free
     local port. Under NCCL a second, gloo group carries the fault flag.
     """
-    import deepspeed
+    import deepspeed  # here, not at the top: the run contract and the study import this module
     from deepspeed.accelerator import get_accelerator
 
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -215,15 +216,6 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_average_(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over ranks in place and return it."""
-    size = get_world_size()
-    if size == 1:
-        return tensor
-    all_reduce_sum_(tensor)
-    return tensor.div_(size)
-
-
 def all_reduce_mean(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Mean over ranks of scalar tensors, with one collective and one host sync.
 
@@ -264,16 +256,6 @@ def exchange_step_status(local_error: bool, batch_size: int = 0) -> tuple[list[i
             raise _collective_failed("fault check", exc) from None
     flags, sizes = table.tolist()
     return [r for r, flag in enumerate(flags) if flag], sizes
-
-
-def failed_ranks(local_error: bool) -> list[int]:
-    """All ranks that report an error (one small all-reduce on the CPU fault group)."""
-    return exchange_step_status(local_error)[0]
-
-
-def any_rank_failed(local_error: bool) -> bool:
-    """Whether any rank reports an error; every rank must call it at the same point."""
-    return bool(failed_ranks(local_error))
 
 
 def stop_if_any_rank_failed(error: BaseException | None, batch_size: int = 0) -> list[int]:
@@ -319,8 +301,6 @@ class BatchGather:
         self.sizes: list[int] = []
 
     def __call__(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
         if get_world_size() == 1:
             return tensor
         if tensor.shape[dim] != self.sizes[get_rank()]:
@@ -380,13 +360,18 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int | None = None,
-                   gradient_accumulation_steps: int | None = None) -> dict:
-    """Read a DeepSpeed JSON config and apply the run's overrides.
+                   gradient_accumulation_steps: int | None = None, lr: float | None = None,
+                   grad_clip: float | None = None) -> dict:
+    """Read a DeepSpeed JSON config and set the keys a run config owns (each keyword given replaces the file's).
 
-    ``launcher/ds_config_cpu.json`` (fp32) and ``launcher/ds_config_gpu.json``
-    (bf16): Adam lr 4e-4 built by DeepSpeed as ``torch.optim.Adam``
+    The package's ``srcid/train/ds_config_cpu.json`` (fp32) and
+    ``srcid/train/ds_config_gpu.json`` (bf16) hold only what a run config has
+    no key for: Adam built by DeepSpeed as ``torch.optim.Adam``
     (``torch_adam``: nothing to compile; ``adam_w_mode`` false: DeepSpeed's
-    "Adam" otherwise means AdamW), gradient clipping 0.5, ZeRO stage 0.
+    "Adam" otherwise means AdamW) and the precision. Micro batch,
+    accumulation, ZeRO stage, learning rate and clipping come from the run
+    config (:func:`srcid.train.trainer.engine_config` passes them all), so
+    each has one source: a value in the file would only be overwritten.
     Only the parameters handed to ``deepspeed.initialize`` are optimised:
     the CLUB networks have their own Adam and stay out of it.
     """
@@ -402,6 +387,10 @@ def load_ds_config(path, *, zero_stage: int | None = None, micro_batch_size: int
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SrcidError(f"{key} must be a positive int, got {value!r}")
             config[key] = value
+    if lr is not None:
+        config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
+    if grad_clip is not None:
+        config["gradient_clipping"] = grad_clip
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise SrcidError(f"{path}: zero_optimization.stage must be one of {ZERO_STAGES}, got {stage!r}")

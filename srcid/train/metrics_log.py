@@ -106,7 +106,7 @@ class MetricsLogger:
             kept = [e for e in events if e["step"] <= resume_step]
             if len(kept) != len(events):
                 write_atomic(self.events_path, "".join(json.dumps(e) + "\n" for e in kept))
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard takes a second to import
 
         purge = resume_step + 1 if resume_step is not None else None
         self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
@@ -235,6 +235,7 @@ def metric_group(key: str) -> str:
 
 def plot_metrics(run_dir, path=None) -> Path:
     """Draw every logged key, one panel per :func:`metric_group`, events as vertical lines."""
+    # matplotlib here, not at the top: the CLI and the study import this module, only a finished run draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

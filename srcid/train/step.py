@@ -1,38 +1,26 @@
-"""The single-process training step, in pieces a distributed engine can reuse.
+"""The loss of one training step, and its plain-PyTorch counterpart for tests.
 
 Per step (paper and authors' code): the model's forward pass (the codebook
 EMA update happens here), ``inner_steps`` CLUB fitting steps on detached
-tensors, the total loss, backward, gradient clipping, optimizer step.
+tensors, the total loss, backward, gradient clipping, optimizer step. The
+trainer runs :func:`compute_loss` through its DeepSpeed engine, which does
+backward, clipping and the Adam step with the run config's ``lr`` and
+``grad_clip``. :func:`build_optimizer` and :func:`train_step` are the same
+step in plain PyTorch, with the same defaults, for the model tests that need a
+trained model without starting a process group.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
 
-from srcid.errors import SrcidError
+from srcid.run import RunConfig
 
 
-@dataclasses.dataclass
-class StepConfig:
-    """Optimizer settings of the main model (the CLUB nets have their own, in ``ModelConfig.club``)."""
-
-    lr: float = 4e-4
-    grad_clip: float = 0.5  # max global gradient norm; 0 disables clipping
-
-    def validate(self) -> "StepConfig":
-        if not self.lr > 0:
-            raise SrcidError(f"step config lr={self.lr!r}: must be > 0")
-        if self.grad_clip < 0:
-            raise SrcidError(f"step config grad_clip={self.grad_clip!r}: must be >= 0 (0 disables clipping)")
-        return self
-
-
-def build_optimizer(model: torch.nn.Module, config: StepConfig | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, lr: float = RunConfig.lr) -> torch.optim.Optimizer:
     """Adam over the model's parameters (encoders, decoders, CPC, text front end; never q_theta)."""
-    config = (config or StepConfig()).validate()
-    return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def compute_loss(model, mi_fitter, batch, layer2_weight: float, *, forward: Optional[Callable] = None) -> tuple:
@@ -56,7 +44,8 @@ def compute_loss(model, mi_fitter, batch, layer2_weight: float, *, forward: Opti
     return total, terms
 
 
-def train_step(model, mi_fitter, optimizer, batch, *, layer2_weight: float, grad_clip: float = 0.5) -> dict:
+def train_step(model, mi_fitter, optimizer, batch, *, layer2_weight: float,
+               grad_clip: float = RunConfig.grad_clip) -> dict:
     """One plain-PyTorch training step; returns the detached loss terms plus ``"grad_norm"``."""
     optimizer.zero_grad(set_to_none=True)
     total, terms = compute_loss(model, mi_fitter, batch, layer2_weight)

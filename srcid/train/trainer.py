@@ -1,7 +1,10 @@
 """The distributed trainer: DeepSpeed engine, two-stage schedule, checkpoints, logs.
 
-Entry point of ``deepspeed launcher/train.py`` (and of ``python
-launcher/train.py`` as one process). Per step, on every rank:
+Entry point of ``deepspeed launcher/train.py`` and ``deepspeed --module
+srcid.train.launch`` (and of ``python launcher/train.py``, ``python -m
+srcid.train.launch`` and ``srcid train`` as one process); the run contract
+it follows (config, files, command line) is :mod:`srcid.run`. Per step, on
+every rank:
 
 1. fetch the rank's batch (the reader gives every rank the same number of
    steps per epoch) and agree that no rank failed to read it;
@@ -18,208 +21,54 @@ launcher/train.py`` as one process). Per step, on every rank:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import hashlib
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
-from srcid.config import apply_overrides, from_dict, to_dict, with_absent_keys
-from srcid.errors import SrcidError
+from srcid.config import to_dict
+from srcid.data.manifest import MANIFEST_NAME, load_manifest
+from srcid.data.reader import ShardLoader
+from srcid.data.validate import check_shard_files
+from srcid.errors import CorruptFileError, SrcidError, check_writable_folder, os_error_line, os_error_reason
 from srcid.files import read_json_object, write_json_atomic
-from srcid.train.collapse import CollapseConfig, CollapseMonitor
-from srcid.model.config import ABSENT_MEANS as MODEL_ABSENT_MEANS
-from srcid.train.warm_start import ABSENT_MEANS as WARM_START_ABSENT_MEANS
-from srcid.train.warm_start import WarmStart, WarmStartConfig
+from srcid.model.club import build_mi_fitter
+from srcid.model.export import _weights_path, export_model
+from srcid.model.quantizers import CodebookQuantizer
+from srcid.model.variants import build_model, build_model_from_manifest
+from srcid.run import (CHECKPOINTS_DIR, MODEL_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, RunConfig, build_parser,
+                       default_ds_config, load_run_config, resolve_config, use_kernels)
+from srcid.train import distributed as dist_helpers
+from srcid.train import metrics_log  # as a module: tests replace its plot_metrics
+from srcid.train.checkpoint import (CheckpointManager, checkpoint_step, is_complete, load_engine, load_module_state,
+                                    load_rng_state, load_tensors, rng_state_path, save_engine, save_rng_state,
+                                    save_tensors, verify_checkpoint)
+from srcid.train.collapse import CollapseMonitor
+from srcid.train.step import compute_loss
+from srcid.train.warm_start import WarmStart
 
-VARIANTS = ("srcid", "dcid", "dcid-fsq", "dcid-rvq2", "dcid-rvq3", "dcid-rvq4")
-PRESETS = ("tiny", "small", "paper")
-LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launcher"
-RUN_CONFIG_FILE = "run_config.json"
-TRAIN_STATE_FILE = "train_state.json"
-CLUB_STATE_FILE = "club.pt"
+CLUB_STATE_FILE = "club.pt"  # in every checkpoint: the CLUB nets and their optimizer
 
 
-# Profiles: named sets of run-config settings, applied before the command line's own --set items (which win).
 def learned_codebook_sizes(model) -> dict:
     """``{layer number: codebook size}`` of the layers with a learned codebook (VQ, RVQ; FSQ's grid has none)."""
-    from srcid.model.quantizers import CodebookQuantizer
-
     return {k + 1: q.num_codes for k, q in enumerate(model.quantizers()) if isinstance(q, CodebookQuantizer)}
 
 
-PROFILES = {
-    "default": (),
-    # every choice of the authors' code that the project offers as an option (docs/METHOD.md)
-    "authors": (
-        "model.normalize_inputs=false", "model.quantizer.init=uniform", "model.quantizer.dead_code=steps",
-        "model.quantizer.dead_code_source=active_code", "model.video_specific=head", "model.text_mask=false",
-        "model.text_target=lstm", "model.layer2_detach_target=false", "model.layer2_input_norm=none",
-        "model.layer2_center=false",
-        "model.club.standardize_y=false", "model.club.logvar_range=1", "model.club.estimator=sampled", "model.cpc.lstm_layers=2", "model.weights.average_layers=false",
-        "warm_start.mode=epoch", "warm_start.switch_epoch=3", "warm_start.epoch_layer2_weight=0.3",
-        "warm_start.mi_rel_threshold=0",
-    ),
-}
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Everything a training run is made of; ``--set key=value`` reaches every leaf."""
-
-    variant: str = "srcid"
-    preset: str = "small"
-    profile: str = "default"  # a named set of settings (PROFILES), applied before --set; "authors": the authors' code
-    split: str = "train"
-    epochs: int = 6
-    max_steps: Optional[int] = None
-    batch_size: int = 80  # clips per rank and micro-step
-    gradient_accumulation: int = 1
-    zero_stage: int = 0
-    lr: float = 4e-4
-    grad_clip: float = 0.5
-    seed: int = 43
-    num_workers: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    timeout_s: float = 120.0
-    input_stats_clips: int = 0  # clips read to fit the input normaliser before step 1 (0: the whole split)
-    centre_clips: int = 2000  # clips that set layer 2's centre after the last step (model.layer2_center; 0: the split)
-    model: object = None  # srcid.model.config.ModelConfig
-    warm_start: WarmStartConfig = dataclasses.field(default_factory=WarmStartConfig)
-    collapse: CollapseConfig = dataclasses.field(default_factory=CollapseConfig)
-
-    def validate(self) -> "RunConfig":
-        if self.variant not in VARIANTS:
-            raise SrcidError(f"--model {self.variant!r}: choose one of {', '.join(VARIANTS)}")
-        if self.preset not in PRESETS:
-            raise SrcidError(f"--preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.profile not in PROFILES:
-            raise SrcidError(f"config key profile={self.profile!r}: choose one of {', '.join(PROFILES)}")
-        for name in ("epochs", "batch_size", "gradient_accumulation", "log_every", "checkpoint_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise SrcidError(f"config key {name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise SrcidError(f"config key max_steps: must be >= 1, got {self.max_steps}")
-        # Checkpoints fall on accumulation boundaries, so no accumulated gradient is ever lost on resume.
-        if self.checkpoint_every % self.gradient_accumulation:
-            raise SrcidError(f"config key checkpoint_every={self.checkpoint_every}: must be a multiple of "
-                             f"gradient_accumulation={self.gradient_accumulation}")
-        if self.zero_stage not in (0, 1, 2):
-            raise SrcidError(f"config key zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
-        if self.num_workers < 0:
-            raise SrcidError(f"config key num_workers: must be >= 0, got {self.num_workers}")
-        if self.input_stats_clips < 0:
-            raise SrcidError(f"config key input_stats_clips: must be >= 0 (0: the whole split), got {self.input_stats_clips}")
-        if self.centre_clips < 0:
-            raise SrcidError(f"config key centre_clips: must be >= 0 (0: the whole split), got {self.centre_clips}")
-        if not (self.lr > 0 and self.grad_clip >= 0):
-            raise SrcidError("config keys lr (> 0) and grad_clip (>= 0) are out of range")
-        self.model.validate()
-        self.warm_start.validate()
-        self.collapse.validate()
-        return self
-
-
-def default_run_config(variant: str, preset: str) -> RunConfig:
-    from srcid.model.config import model_config
-
-    model = model_config(preset)
-    # The shard reader already rejects NaN/Inf in every sample it reads; the model's own check
-    # would cost a host synchronisation per step.
-    model.check_finite = False
-    return RunConfig(variant=variant, preset=preset, model=model)
-
-
-def _run_config_types():
-    from srcid.model.config import ModelConfig
-
-    return ModelConfig
-
-
-def build_parser(prog: str = "srcid train") -> argparse.ArgumentParser:
-    """The trainer's flags; ``prog`` is the command the user typed (``launcher/train.py`` passes its own)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train SRCID or a DCID baseline (one process, or many through the deepspeed launcher).",
-    )
-    parser.add_argument("--model", choices=VARIANTS, default=None, help="method variant (default srcid)")
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help="model sizes (tiny, small: CPU; paper: GPU; default small)")
-    parser.add_argument("--data", type=Path, required=True, help="pretraining dataset folder (with dataset.json)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, exported model)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (micro-batches; a multiple of gradient_accumulation)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs over the training split (default 6)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue the run in --out from its newest intact checkpoint (a corrupt newer one is "
-                             "skipped, with a warning), or from the checkpoint named (step-00001234 or 1234; an "
-                             "error if it is corrupt)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run already in --out and start a new one (without it, a new run refuses a "
-                             "folder that is not empty)")
-    parser.add_argument("--kernels", choices=("auto", "fused", "reference"), default=None,
-                        help="hot-op implementation (default: $SRCID_KERNELS, else auto)")
-    parser.add_argument("--deepspeed_config", type=Path, default=None,
-                        help="DeepSpeed JSON config (default: launcher/ds_config_gpu.json on CUDA, ds_config_cpu.json otherwise)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any run-config key, e.g. --set batch_size=40 --set model.quantizer.codebook_size=512 "
-                             "--set warm_start.mode=epoch (an unknown key lists the valid ones); --set profile=authors "
-                             "selects every choice of the authors' code at once")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def resolve_config(args) -> RunConfig:
-    """The run config: saved one on resume (flags may not change it), else defaults + flags + overrides."""
-    config_path = args.out / RUN_CONFIG_FILE
-    if args.resume and getattr(args, "overwrite", False):
-        raise SrcidError("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    if args.resume:
-        if not config_path.is_file():
-            raise SrcidError(f"--resume: {config_path} not found: {args.out} is not a run directory")
-        config = load_run_config(config_path)
-        for flag, given, saved in (("--model", args.model, config.variant), ("--preset", args.preset, config.preset)):
-            if given is not None and given != saved:
-                raise SrcidError(f"--resume: {args.out} is a {flag} {saved} run; {flag} {given} would change it")
-        # The same command line may be repeated with --resume; it may not change the run.
-        import copy
-
-        changed = [item.split("=", 1)[0] for item in args.overrides
-                   if to_dict(apply_overrides(copy.deepcopy(config), [item])) != to_dict(config)]
-        if changed:
-            raise SrcidError(f"--resume continues the saved run config ({config_path}); --set would change {', '.join(changed)}")
-        if args.max_steps is not None:
-            config.max_steps = args.max_steps
-        if args.epochs is not None:
-            config.epochs = args.epochs
-        return config.validate()
-    config = default_run_config(args.model or "srcid", args.preset or "small")
-    if args.max_steps is not None:
-        config.max_steps = args.max_steps
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    return apply_profile_and_overrides(config, args.overrides)
-
-
-def apply_profile_and_overrides(config: RunConfig, overrides: list) -> RunConfig:
-    """``--set`` items on ``config``: a ``profile=NAME`` item first brings in that profile's settings, then every
-    other item is applied in order, so an explicit setting wins over the profile's."""
-    profiles = [item.split("=", 1)[1].strip() for item in overrides if item.split("=", 1)[0].strip() == "profile"]
-    rest = [item for item in overrides if item.split("=", 1)[0].strip() != "profile"]
-    if profiles:
-        name = profiles[-1]
-        if name not in PROFILES:
-            raise SrcidError(f"--set profile={name}: choose one of {', '.join(PROFILES)}")
-        config.profile = name
-        apply_overrides(config, list(PROFILES[name]))
-    apply_overrides(config, rest)
-    return config.validate()
+def engine_config(config: RunConfig, ds_config_path: Path) -> dict:
+    """The DeepSpeed config of a run: the JSON file with every key the run config owns set from the run config
+    (micro batch = ``batch_size``, accumulation, ZeRO stage, lr, clipping), so the run config is their one source."""
+    return dist_helpers.load_ds_config(ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
+                                       gradient_accumulation_steps=config.gradient_accumulation, lr=config.lr,
+                                       grad_clip=config.grad_clip)
 
 
 class Trainer:
@@ -230,14 +79,7 @@ class Trainer:
         """``resume``: False/None (a new run), True or ``"latest"`` (the newest intact checkpoint), or a
         checkpoint's name (``step-00001234``, ``1234`` or its path). ``overwrite``: clear a run already in
         ``run_dir`` first (a new run refuses a folder that is not empty otherwise)."""
-        import deepspeed
-
-        from srcid.data.reader import ShardLoader
-        from srcid.model.club import build_mi_fitter
-        from srcid.model.variants import build_model_from_manifest
-        from srcid.train import distributed as dist_helpers
-        from srcid.train.checkpoint import CheckpointManager
-        from srcid.train.metrics_log import MetricsLogger
+        import deepspeed  # here, not at the top: `srcid export` and code that only reads runs need not load it
 
         resume = "latest" if resume is True else (resume or None)
         self.config, self.data_dir, self.run_dir = config, Path(data_dir), Path(run_dir)
@@ -285,13 +127,8 @@ class Trainer:
         dist_helpers.seed_everything(config.seed, self.rank)
 
         if ds_config_path is None:
-            ds_config_path = LAUNCHER_DIR / ("ds_config_gpu.json" if self.device.type == "cuda" else "ds_config_cpu.json")
-        ds_config = dist_helpers.load_ds_config(
-            ds_config_path, zero_stage=config.zero_stage, micro_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation,
-        )
-        ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.lr
-        ds_config["gradient_clipping"] = config.grad_clip
+            ds_config_path = default_ds_config(self.device.type)
+        ds_config = engine_config(config, ds_config_path)
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
         try:
             self.engine, _, _, _ = deepspeed.initialize(
@@ -318,7 +155,7 @@ class Trainer:
 
             write_json_atomic(self.run_dir / RUN_CONFIG_FILE, to_dict(config), sort_keys=True)
         dist_helpers.barrier()
-        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
+        self.logger = metrics_log.MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
         if self._resume_info is not None:
             self.logger.event(self.step, "resume", self._resume_info)
         if self.input_stats is not None:
@@ -340,8 +177,6 @@ class Trainer:
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
-        from srcid.train.checkpoint import rng_state_path, save_engine, save_rng_state, save_tensors
-
         save_engine(self.engine, directory)
         save_rng_state(rng_state_path(directory, self.rank))
         if self.is_main:
@@ -352,8 +187,6 @@ class Trainer:
         return self.checkpoints.save(self.step, self._write_checkpoint)
 
     def _resume(self) -> None:
-        from srcid.train.checkpoint import load_engine, load_rng_state, load_tensors, rng_state_path
-
         latest = self._resume_from
         state = read_json_object(latest / TRAIN_STATE_FILE)
         missing = sorted({"step", "epoch", "step_in_epoch", "world_size", "warm_start"} - set(state))
@@ -374,8 +207,6 @@ class Trainer:
 
     def _named_checkpoint(self, name: str) -> Path:
         """The checkpoint ``--resume NAME`` names: ``step-00001234``, ``1234`` or a path to it."""
-        from srcid.train.checkpoint import is_complete
-
         text = str(name)
         if text.isdigit():
             path = self.checkpoints.path_for(int(text))
@@ -397,9 +228,6 @@ class Trainer:
         resumed, and the newer ones are set aside as ``step-N.superseded`` (never loaded again). Every rank
         takes part (each hashes a share of the files) and reaches the same choice.
         """
-        from srcid.errors import CorruptFileError
-        from srcid.train.checkpoint import checkpoint_step, verify_checkpoint
-
         def reduce(codes):
             return self.dist.all_reduce_sum_(codes.to(self.device)).cpu()
 
@@ -459,10 +287,6 @@ class Trainer:
     def _fit_input_stats(self, model) -> dict:
         """Fit the model's input normaliser on the training split (or its first ``input_stats_clips`` clips of
         epoch 0), every rank reading its own part; the moments are summed across ranks. Returns a summary."""
-        import math
-
-        from tqdm import tqdm
-
         steps = self.loader.steps_per_epoch()
         clips = self.config.input_stats_clips
         if clips:
@@ -489,8 +313,6 @@ class Trainer:
         """After the last step, layer 2's centre (``model.layer2_center``) takes the plain mean of its features
         over the first ``centre_clips`` clips of the training split under the final weights, in evaluation mode,
         summed across ranks (srcid/model/centre.py says why the running mean is not enough)."""
-        import math
-
         if not self.config.model.layer2_center:
             return
         steps = self.loader.steps_per_epoch()
@@ -534,8 +356,6 @@ class Trainer:
             yield batch
 
     def _forward_loss(self, batch):
-        from srcid.train.step import compute_loss
-
         batch = self._device_batch(batch)
         return compute_loss(self.model, self.mi_fitter, batch, self.layer2_weight(), forward=self.engine)
 
@@ -568,8 +388,6 @@ class Trainer:
                       file=sys.stderr)
 
     def train(self) -> Path:
-        from tqdm import tqdm
-
         config = self.config
         steps_per_epoch = self.loader.steps_per_epoch()
         total = steps_per_epoch * config.epochs
@@ -618,9 +436,7 @@ class Trainer:
         self.logger.close()
         if self.is_main:
             self.export()
-            from srcid.train.metrics_log import plot_metrics
-
-            plot_metrics(self.run_dir)
+            metrics_log.plot_metrics(self.run_dir)
         return path
 
     def verify_replicas(self) -> bool:
@@ -640,9 +456,7 @@ class Trainer:
         return identical
 
     def export(self, path: Optional[Path] = None) -> Path:
-        from srcid.model.export import export_model
-
-        path = path or self.run_dir / "model.safetensors"
+        path = path or self.run_dir / MODEL_FILE
         export_model(
             self.model, variant=self.config.variant, config=self.config.model,
             input_shapes=model_input_shapes(self.manifest), path=path,
@@ -667,17 +481,12 @@ def _set_aside(path: Path, why: str) -> Path:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds a training run (its ``run_config.json`` or a ``checkpoints/`` folder)."""
-    from srcid.train.checkpoint import CHECKPOINTS_DIR
-
     return (path / RUN_CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir()
 
 
 def check_data_folder(data_dir: Path, split: str) -> None:
     """``--data`` is a dataset folder with a valid manifest, the split and its shard files (rank 0, before
     ``--out`` is created or touched)."""
-    from srcid.data.manifest import MANIFEST_NAME, load_manifest
-    from srcid.data.validate import check_shard_files
-
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         state = "not a folder" if data_dir.exists() else "no such folder"
@@ -697,8 +506,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     ``--resume`` or deleted first with ``--overwrite`` (which clears only a
     run directory, never another folder). The folder must be writable.
     """
-    from srcid.errors import check_writable_folder
-
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise SrcidError(f"--out {run_dir}: exists and is not a folder")
@@ -715,8 +522,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 def clear_run_dir(run_dir: Path) -> None:
     """Delete everything in a run directory, ``run_config.json`` last (an interrupted clear is still a run)."""
-    import shutil
-
     entries = sorted(run_dir.iterdir(), key=lambda p: p.name == RUN_CONFIG_FILE)
     try:
         for entry in entries:
@@ -725,16 +530,12 @@ def clear_run_dir(run_dir: Path) -> None:
             else:
                 entry.unlink()
     except OSError as exc:
-        from srcid.errors import os_error_reason
-
         raise SrcidError(f"--overwrite: cannot clear {run_dir}: {exc.filename or run_dir}: "
                          f"{os_error_reason(exc)}") from None
 
 
 def state_digest(state: dict) -> int:
     """A 62-bit digest of the exact bytes of a state dict's tensors (in key order)."""
-    import hashlib
-
     h = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()
@@ -743,26 +544,11 @@ def state_digest(state: dict) -> int:
     return int.from_bytes(h.digest()[:8], "little") >> 2
 
 
-def load_run_config(path: Path) -> RunConfig:
-    """A :class:`RunConfig` from a run directory's ``run_config.json``."""
-    data = read_json_object(path)
-    config = from_dict(RunConfig, {k: v for k, v in data.items() if k not in ("model", "warm_start")}, str(path))
-    config.model = from_dict(_run_config_types(), with_absent_keys(data["model"], MODEL_ABSENT_MEANS), f"{path}: model")
-    config.warm_start = from_dict(WarmStartConfig, with_absent_keys(data["warm_start"], WARM_START_ABSENT_MEANS),
-                                  f"{path}: warm_start")
-    return config
-
-
 def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     """Inference weights of a run's latest checkpoint as safetensors + JSON (``srcid export``).
 
     The output folder is checked for writing first; the checkpoint is verified against the SHA-256 sums its
     ``COMPLETE`` records (a corrupt file is a one-line error naming it; no fallback to an older checkpoint)."""
-    from srcid.errors import check_writable_folder
-    from srcid.model.export import _weights_path, export_model
-    from srcid.model.variants import build_model
-    from srcid.train.checkpoint import CheckpointManager, load_module_state, verify_checkpoint
-
     run_dir = Path(run_dir)
     out = _weights_path(out)
     if not overwrite:
@@ -776,7 +562,7 @@ def export_run(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     config = load_run_config(config_path)
     latest = CheckpointManager(run_dir).latest()
     if latest is None:
-        raise SrcidError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise SrcidError(f"{run_dir}: no complete checkpoint under {run_dir / CHECKPOINTS_DIR}")
     verify_checkpoint(latest)  # a corrupt file is one line naming it; a checkpoint without sums loads unverified
     state = read_json_object(latest / TRAIN_STATE_FILE)
     model = build_model(config.variant, config.model, state["input_shapes"])
@@ -798,17 +584,14 @@ def main(argv=None, prog: str = "srcid train") -> int:
     args = parser.parse_args(argv)
     trainer = None
     try:
-        if args.kernels:
-            from srcid.ops import set_kernels
-
-            set_kernels(args.kernels)
+        use_kernels(args)
         config = resolve_config(args)
         trainer = Trainer(config, args.data, args.out, resume=args.resume, ds_config_path=args.deepspeed_config,
                           progress=not args.quiet, overwrite=args.overwrite)
         trainer.train()
         if trainer.is_main:
             print(f"run directory: {args.out.resolve()}")
-            print(f"exported model: {(args.out / 'model.safetensors').resolve()}")
+            print(f"exported model: {(args.out / MODEL_FILE).resolve()}")
         trainer.close(ok=True)
         return 0
     except SrcidError as exc:
@@ -816,15 +599,11 @@ def main(argv=None, prog: str = "srcid train") -> int:
         _stop(trainer, ok=_raised_on_every_rank(exc))
         return exc.exit_code
     except OSError as exc:  # a write that failed after the checks (a full disk): one line naming the path
-        from srcid.errors import os_error_line
-
         print(f"srcid: error: {os_error_line(exc)}", file=sys.stderr)
         _stop(trainer, ok=False)
         return 1
     except RuntimeError as exc:  # a collective DeepSpeed or autograd ran failed: a peer rank died or hung
-        from srcid.train.distributed import collective_failure
-
-        failure = collective_failure(exc)
+        failure = dist_helpers.collective_failure(exc)
         if failure is None:
             raise  # not a failed collective: a bug, whose traceback is kept
         print(f"srcid: error: {failure}", file=sys.stderr)
@@ -833,9 +612,7 @@ def main(argv=None, prog: str = "srcid train") -> int:
 
 
 def _raised_on_every_rank(exc: BaseException) -> bool:
-    from srcid.train import distributed
-
-    return distributed.raised_on_every_rank(exc)
+    return dist_helpers.raised_on_every_rank(exc)
 
 
 def _stop(trainer, ok: bool) -> None:
@@ -843,6 +620,4 @@ def _stop(trainer, ok: bool) -> None:
     if trainer is not None:
         trainer.close(ok=ok)
         return
-    from srcid.train import distributed
-
-    distributed.shutdown(synchronize=ok)
+    dist_helpers.shutdown(synchronize=ok)

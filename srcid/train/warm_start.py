@@ -19,8 +19,9 @@ Three modes (:class:`WarmStartConfig.mode`):
     low value means nothing. If the MI never settles, layer 2 switches on
     anyway at ``fallback_epoch`` or ``fallback_step`` (whichever comes
     first; ``None`` disables one), and the switch record says so. Layer 2's
-    weight is then ``mi_layer2_weight`` (1.0: the paper's loss weights are
-    all 1). With ``mi_rel_threshold = r > 0`` the bound is
+    losses are then weighted by ``layer2_loss_weight`` (1.0: the paper's loss
+    weights are all 1; it scales layer 2's whole loss, whereas
+    ``model.weights.mi_layer2`` scales only layer 2's CLUB term). With ``mi_rel_threshold = r > 0`` the bound is
     ``max(mi_threshold, r x the largest smoothed MI so far)``: "approaches 0"
     relative to the run's own MI curve, whose scale depends on the data and
     the CLUB net.
@@ -30,7 +31,7 @@ Three modes (:class:`WarmStartConfig.mode`):
     losses + ``epoch_layer2_weight`` (0.3) x layer-2 losses.
 
 ``"off"``
-    Layer 2 on from the first step with weight ``mi_layer2_weight``.
+    Layer 2 on from the first step with weight ``layer2_loss_weight``.
 
 Defaults and their reasons: ``mi_threshold = 0.05`` nats, compared with
 the layer-1 MI estimate averaged over the modalities (small against the
@@ -82,7 +83,7 @@ class WarmStartConfig:
     mi_min_epoch: int = 1
     fallback_epoch: int | None = 3
     fallback_step: int | None = None
-    mi_layer2_weight: float = 1.0
+    layer2_loss_weight: float = 1.0  # layer 2's whole loss after the switch in modes "mi" and "off"
     switch_epoch: int = 3
     epoch_layer2_weight: float = 0.3
 
@@ -102,7 +103,7 @@ class WarmStartConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SrcidError(f"warm_start.{name} must be >= 0 or None, got {value}")
-        for name in ("mi_layer2_weight", "epoch_layer2_weight"):
+        for name in ("layer2_loss_weight", "epoch_layer2_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SrcidError(f"warm_start.{name} must be a positive number, got {value}")
@@ -141,7 +142,7 @@ class WarmStart:
             return 0.0
         if self.config.mode == "epoch":
             return float(self.config.epoch_layer2_weight)
-        return float(self.config.mi_layer2_weight)
+        return float(self.config.layer2_loss_weight)
 
     @property
     def switch_record(self) -> dict | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from srcid.data.reader import ShardLoader
-from srcid.train.trainer import Trainer, default_run_config
+from srcid.run import default_run_config
+from srcid.train.trainer import Trainer
 
 
 def main():
