@@ -1,8 +1,34 @@
 """Training in the test process: a few plain steps of a model, the trainer's main, or a Trainer of one rank."""
 from __future__ import annotations
 
+import torch
+
 from srcid.model import build_mi_fitter
-from srcid.train.step import build_optimizer, train_step
+from srcid.run import RunConfig
+from srcid.train.step import compute_loss
+
+
+def build_optimizer(model: torch.nn.Module, lr: float = RunConfig.lr) -> torch.optim.Optimizer:
+    """The trainer's optimizer in plain PyTorch: Adam over the model's parameters (never q_theta)."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_step(model, mi_fitter, optimizer, batch, *, layer2_weight: float,
+               grad_clip: float = RunConfig.grad_clip) -> dict:
+    """The trainer's step (:func:`compute_loss`, backward, clipping, Adam) in one plain-PyTorch process.
+
+    For model tests that need a trained model without a process group; returns the detached loss terms
+    plus ``"grad_norm"``. The trainer's own engine path is tested in test_train_step.py."""
+    optimizer.zero_grad(set_to_none=True)
+    total, terms = compute_loss(model, mi_fitter, batch, layer2_weight)
+    total.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    return terms
 
 
 def train_for_steps(model, loader, steps: int, *, layer2_weight: float) -> int:

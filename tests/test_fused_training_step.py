@@ -36,7 +36,7 @@ from srcid import ops
 from srcid.data.reader import ShardLoader
 from srcid.data.synth import PRESETS, World, write_dataset
 from srcid.model import build_mi_fitter, build_model_from_manifest, model_config
-from srcid.train.step import build_optimizer, train_step
+from helpers_training import build_optimizer, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the kernels run in Triton's interpreter
 BATCH = 7  # clips per step: 70 rows per modality, ragged against every kernel tile

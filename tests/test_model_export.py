@@ -11,7 +11,7 @@ from srcid.config import to_dict
 from srcid.errors import SrcidError
 from srcid.model import build_mi_fitter, build_model, model_config
 from srcid.model.export import _sha256, export_model, load_model, read_sidecar, sidecar_path
-from srcid.train.step import build_optimizer, train_step
+from helpers_training import build_optimizer, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

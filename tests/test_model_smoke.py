@@ -7,7 +7,7 @@ import torch
 from srcid.data.reader import ShardLoader
 from srcid.data.synth import synthesize
 from srcid.model import build_mi_fitter, build_model_from_manifest, model_config
-from srcid.train.step import build_optimizer, train_step
+from helpers_training import build_optimizer, train_step
 
 EPOCHS = 20  # 14 steps of 16 clips each
 

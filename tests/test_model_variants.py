@@ -9,7 +9,7 @@ from srcid.config import apply_overrides, from_dict, to_dict
 from srcid.errors import SrcidError
 from srcid.model import VARIANTS, ModelConfig, build_mi_fitter, build_model, model_config
 from srcid.model.encoders import TextFrontEnd
-from srcid.train.step import build_optimizer, train_step
+from helpers_training import build_optimizer, train_step
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

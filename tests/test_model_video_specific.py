@@ -7,7 +7,7 @@ from srcid.data.batch import Batch
 from srcid.errors import SrcidError
 from srcid.model import build_mi_fitter, build_model, model_config
 from srcid.model.export import export_model, load_model
-from srcid.train.step import build_optimizer, train_step
+from helpers_training import build_optimizer, train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -43,7 +43,8 @@ from srcid.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from srcid.errors import SrcidError
 from srcid.eval.features import FeatureEncoder, SplitFeatures, SplitScan, check_model_input, scan_split
 from srcid.eval.metrics import retrieval_report
-from srcid.eval.probe import evaluate_classification, evaluate_localization, run_seeds, seed_list, train_head
+from srcid.eval.probe import (HEAD_BATCH_SIZE, evaluate_classification, evaluate_localization, run_seeds, seed_list,
+                              train_head)
 from srcid.eval.tables import AVVP_F1, table1, table2, table3
 
 TASKS = ("ave", "avvp", "ave-avvp", "ucf-vgg", "retrieval")
@@ -73,7 +74,7 @@ class EvalSettings:
     epochs_cls: int = 30
     epochs_loc: int = 50
     background: bool = True
-    batch_size: int = 80
+    batch_size: int = HEAD_BATCH_SIZE
     lr: float = 4e-4
     grad_clip: float = 0.5
     hidden: int = 256

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from srcid.config import to_dict
 from srcid.data.manifest import MANIFEST_NAME, load_manifest
 from srcid.data.reader import ShardLoader
-from srcid.data.validate import check_shard_files
+from srcid.data.shard_format import check_shard_files
 from srcid.errors import CorruptFileError, SrcidError, check_writable_folder, os_error_line, os_error_reason
 from srcid.files import read_json_object, write_json_atomic
 from srcid.model.club import build_mi_fitter
