@@ -35,7 +35,7 @@ demo: $(STAMP)
 	@echo "run directory: $(DEMO_DIR)/run (metrics.png, metrics.csv, tensorboard/, checkpoints/, model.safetensors)"
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only

@@ -42,7 +42,7 @@ setup(
         "h5py",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "pytest-xdist>=3"],
     },
     entry_points={"console_scripts": ["srcid=srcid.cli:main"]},
 )
