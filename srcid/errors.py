@@ -4,6 +4,8 @@ Everything a user can get wrong (a file, a key, a flag, a shape) raises
 :class:`SrcidError` with a one-line message naming what is wrong and where.
 The command line prints that line and exits non-zero, without a traceback.
 """
+import os
+from pathlib import Path
 
 
 class SrcidError(Exception):
@@ -54,9 +56,6 @@ def check_writable_folder(folder, what: str = "--out"):
     non-folder parent or a full inode table is one line at the start, not
     a traceback at the end. Returns the folder as a :class:`pathlib.Path`.
     """
-    import os
-    from pathlib import Path
-
     folder = Path(folder)
     probe = folder / f".srcid-write-check-{os.getpid()}"
     try:

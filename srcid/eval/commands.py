@@ -6,7 +6,18 @@ import math
 import sys
 from pathlib import Path
 
+from srcid import __version__
+from srcid.data.manifest import MANIFEST_NAME, load_manifest
+from srcid.data.reader import ShardLoader
 from srcid.errors import SrcidError, check_writable_folder
+from srcid.eval.features import FeatureEncoder, check_model_input, encode_dataset, open_model, parse_layers
+from srcid.eval.probe import seed_list
+from srcid.eval import representations
+from srcid.eval import tasks as eval_tasks
+from srcid.eval.representations import COLLAPSE_CODES, LIVE_REL, flag_summary, plot_code_usage
+from srcid.eval.representations import to_markdown as representations_markdown
+from srcid.eval.tables import to_markdown as tables_markdown
+from srcid.eval.tasks import PROTOCOLS, TASKS, EvalSettings, expand_tasks, method_name, result_tables
 from srcid.files import write_json_atomic
 from srcid.run import add_kernels_flag
 
@@ -49,11 +60,6 @@ def _positive(name: str, value: int) -> int:
 
 
 def _eval(args) -> int:
-    from srcid import __version__
-    from srcid.eval.features import FeatureEncoder, open_model, parse_layers
-    from srcid.eval.probe import seed_list
-    from srcid.eval.tables import to_markdown
-    from srcid.eval.tasks import EvalSettings, evaluate, expand_tasks, method_name, result_tables
 
     for name in ("--seeds", "--epochs-cls", "--epochs-loc", "--batch-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
@@ -66,7 +72,7 @@ def _eval(args) -> int:
     settings = EvalSettings(protocol=args.protocol, seeds=seed_list(args.seeds), epochs_cls=args.epochs_cls,
                             epochs_loc=args.epochs_loc, background=not args.no_background, device=str(encoder.device),
                             progress=sys.stderr.isatty()).validate()
-    report = evaluate(args.data, encoder, tasks, settings)
+    report = eval_tasks.evaluate(args.data, encoder, tasks, settings)  # through the module: tests stub it there
 
     method = method_name(model.variant, layers, len(model.layers))
     tables = result_tables(method, report["tasks"], settings.seeds)
@@ -75,7 +81,7 @@ def _eval(args) -> int:
               f"layers {','.join(map(str, layers))}, protocol {args.protocol} ({PROTOCOL_DESCRIPTIONS[args.protocol]}), "
               f"seeds {', '.join(map(str, settings.seeds))}")
     header += "".join(f"\nNote: {reason}" for reason in report["skipped"].values())
-    markdown = header + "\n\n" + "\n".join(to_markdown(table) for table in tables.values())
+    markdown = header + "\n\n" + "\n".join(tables_markdown(table) for table in tables.values())
     print(markdown)
     write_json_atomic(out, {
         "srcid_version": __version__,
@@ -105,7 +111,6 @@ def _eval(args) -> int:
 
 
 def _encode(args) -> int:
-    from srcid.eval.features import encode_dataset, open_model, parse_layers
 
     _positive("--batch-size", args.batch_size)
     model, info, _ = open_model(args.run, args.device)
@@ -140,7 +145,6 @@ INSPECT_DEFAULT_FOLDER = "pretrain"  # the dataset srcid inspect reads under a D
 def inspect_dataset(data: Path) -> tuple:
     """``(dataset folder, note)`` for ``srcid inspect --data``: a dataset folder (holding dataset.json) itself,
     or ``DATA_DIR/pretrain`` under a DATA_DIR (as ``srcid eval --data`` takes), with a note saying so."""
-    from srcid.data.manifest import MANIFEST_NAME
 
     data = Path(data)
     if (data / MANIFEST_NAME).is_file():
@@ -168,12 +172,6 @@ def first_clips(batches, clips: int):
 
 
 def _inspect(args) -> int:
-    from srcid.data.manifest import load_manifest
-    from srcid.data.reader import ShardLoader
-    from srcid.eval.features import check_model_input, open_model
-    from srcid.eval.representations import (
-        LIVE_REL, flag_summary, plot_code_usage, representation_stats, to_markdown,
-    )
 
     _positive("--clips", args.clips)
     _positive("--batch-size", args.batch_size)
@@ -215,15 +213,15 @@ def _inspect(args) -> int:
             counted.append(len(batch))
             yield batch.to(device)
 
-    stats = representation_stats(model, batches(), live_rel=live_rel, live_std=args.live_std,
-                                 collapse_codes=args.collapse_codes)
+    stats = representations.representation_stats(model, batches(), live_rel=live_rel, live_std=args.live_std,
+                                                  collapse_codes=args.collapse_codes)
     step = info["extra"].get("step")
     read = sum(counted)
     short = "" if read >= args.clips else f" (--clips {args.clips}: the split holds {available})"
     header = (f"srcid inspect: {weights} ({model.variant}{'' if step is None else f', step {step}'}), "
               f"{read} clips of {data} split {args.split}{short}")
     print(header + "\n")
-    print(to_markdown(stats, live_rel, args.live_std))
+    print(representations_markdown(stats, live_rel, args.live_std))
     flags = flag_summary(stats, live_rel=live_rel, live_std=args.live_std, collapse_codes=args.collapse_codes)
     if flags:
         print("\n" + "\n".join(flags))
@@ -245,7 +243,6 @@ def _inspect(args) -> int:
 
 def register(sub) -> None:
     """Add ``eval``, ``encode`` and ``inspect`` to the ``srcid`` command line."""
-    from srcid.eval.tasks import PROTOCOLS, TASKS
 
     p = sub.add_parser(
         "eval", help="the paper's downstream tasks on a frozen model (Tables I-III)",
@@ -287,7 +284,6 @@ def register(sub) -> None:
     add_kernels_flag(p)
     p.set_defaults(func=_encode)
 
-    from srcid.eval.representations import COLLAPSE_CODES, LIVE_REL
 
     p = sub.add_parser(
         "inspect", help="a collapse check: code usage, specific-output spread, dead units and reconstruction per layer and modality",
