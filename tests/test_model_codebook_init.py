@@ -123,6 +123,57 @@ def test_ema_dead_codes_are_reset_to_pool_rows_and_get_a_grace_period():
     torch.testing.assert_close(book.embed_sum[reset] / smoothed[reset, None], book.codebook[reset])
 
 
+def _far_book(dead_mask):
+    cfg = QuantizerConfig(codebook_size=8, init="uniform", dead_code="ema", dead_code_threshold=0.25, dead_code_source="far")
+    book = EMACodebook(8, 3, cfg)
+    with torch.no_grad():
+        book.codebook.copy_(torch.randn(8, 3, generator=torch.Generator().manual_seed(2)))
+        book.embed_sum.copy_(book.codebook)
+        book.cluster_size.copy_(torch.where(dead_mask, torch.tensor(0.0), torch.tensor(10.0)))
+    return book
+
+
+def test_far_source_gives_dead_codes_the_rows_farthest_from_the_codebook():
+    dead = torch.tensor([False, True, False, False, False, False, True, False])  # codes 1 and 6 (dead early and late)
+    book = _far_book(dead)
+    # rows on (live) codes, and two rows far from every code: the dead codes must take those two
+    on_codes = book.codebook[~dead].repeat(6, 1)
+    far = torch.tensor([[40.0, 0.0, 0.0], [0.0, -40.0, 0.0]])
+    pool = torch.cat([on_codes[:20], far[:1], on_codes[20:], far[1:]])
+    before = book.codebook.clone()
+    book.reset_dead_codes(torch.ones(8, dtype=torch.bool), torch.Generator().manual_seed(0), pool)
+    assert torch.equal(book.codebook[~dead], before[~dead])
+    got = {tuple(book.codebook[i].tolist()) for i in (1, 6)}
+    assert got == {tuple(r.tolist()) for r in far}  # distinct rows, both far ones
+
+
+def test_far_source_draws_rows_in_proportion_to_their_squared_distance():
+    dead = torch.zeros(8, dtype=torch.bool)
+    dead[0] = True
+    book = _far_book(dead)
+    with torch.no_grad():
+        book.codebook[0] = 1e3  # code 0 (dead) far from every row: not anyone's nearest code
+    gen = torch.Generator().manual_seed(11)
+    base = book.codebook[3]
+    offsets = torch.tensor([1.0, 2.0, 3.0])  # squared distances from code 3: 1, 4, 9 (code 3 is nearest for each)
+    pool = torch.stack([base + torch.tensor([0.0, 0.0, o]) * 0.05 for o in offsets])
+    sq = ((pool[:, None] - book.codebook[None]) ** 2).sum(-1).min(1).values.double()
+    want = sq / sq.sum()
+    counts = torch.zeros(3, dtype=torch.float64)
+    for _ in range(3000):
+        counts[book._pick_rows(pool, dead, gen)[0]] += 1
+    assert torch.allclose(counts / counts.sum(), want, atol=0.03)  # a multinomial: 3 std of 3000 draws is < 0.03
+
+
+def test_far_source_is_the_same_for_the_same_seed():
+    dead = torch.tensor([True, False, True, False, True, False, False, False])
+    pool = torch.randn(30, 3, generator=torch.Generator().manual_seed(4)) * 3.0
+    books = [_far_book(dead) for _ in range(2)]
+    for book in books:
+        book.reset_dead_codes(torch.ones(8, dtype=torch.bool), torch.Generator().manual_seed(9), pool)
+    assert torch.equal(books[0].codebook, books[1].codebook)
+
+
 def test_step_rule_ignores_cluster_size_and_the_batch_source_needs_a_pool():
     cfg = QuantizerConfig(codebook_size=4, init="uniform", dead_code="steps", dead_code_steps=2, dead_code_source="batch")
     book = EMACodebook(4, 2, cfg)
@@ -158,7 +209,7 @@ def test_rvq_stages_initialise_on_the_residuals_of_the_earlier_stages():
 @pytest.mark.parametrize("key,value,message", [
     ("init", "bogus", "choose one of kmeans, sample, uniform"),
     ("dead_code", "never", "choose one of ema, steps"),
-    ("dead_code_source", "random", "choose one of batch, active_code"),
+    ("dead_code_source", "random", "choose one of batch, far, active_code"),
     ("dead_code_threshold", 1.5, r"must lie in \[0, 1\)"),
     ("kmeans_iters", -1, "must be an integer >= 0"),
 ])

@@ -89,7 +89,7 @@ class EMACodebook(Float32Buffers):
         """EMA update from ``counts [G, L]`` and ``sums [G, L, D]`` (groups in MMEMA order), then dead-code resets.
 
         ``pool`` ``[P, D]``: the step's general features (every rank's, so the
-        same on every rank), which ``dead_code_source="batch"`` draws from.
+        same on every rank), which ``dead_code_source="batch"`` and ``"far"`` draw from.
         """
         ops.ema_update_(self.cluster_size, self.embed_sum, self.codebook, counts, sums, decay=self.decay, eps=self.eps)
         if self.zero_code:
@@ -105,8 +105,11 @@ class EMACodebook(Float32Buffers):
         Dead (``dead_code``): ``"steps"``, unused for more than
         ``dead_code_steps`` steps; ``"ema"``, an EMA cluster size below
         ``dead_code_threshold`` times the mean cluster size. A dead code
-        becomes (``dead_code_source``) a random row of ``pool`` (``"batch"``;
-        its cluster size restarts at the mean, so it has time to be chosen) or a
+        becomes (``dead_code_source``) a row of ``pool``, drawn uniformly
+        (``"batch"``) or with probability proportional to the row's squared
+        distance from its nearest code (``"far"``, k-means++ seeding: new codes
+        go where the codebook serves the features worst); its cluster size
+        restarts at the mean, so it has time to be chosen. Or a
         random active code (used within the last ``active_window`` steps) plus
         uniform noise in ``+-dead_code_noise`` (``"active_code"``). ``embed_sum``
         is set to match, so the next EMA update keeps the new code.
@@ -120,9 +123,9 @@ class EMACodebook(Float32Buffers):
         if self.zero_code:
             dead[0] = False
         cluster_size = self.cluster_size
-        if self.dead_source == "batch" and pool is not None and pool.shape[0] > 0:
-            pick = torch.randint(0, pool.shape[0], (num,), generator=generator, device=device)
-            candidate = pool.float()[pick]
+        if self.dead_source in ("batch", "far") and pool is not None and pool.shape[0] > 0:
+            rows = pool.float()
+            candidate = rows[self._pick_rows(rows, dead, generator)]
             reset = dead[:, None]
             cluster_size = torch.where(dead, self.cluster_size.mean().expand(num), self.cluster_size)
         else:
@@ -142,6 +145,18 @@ class EMACodebook(Float32Buffers):
         self.embed_sum.copy_(torch.where(reset, candidate * smoothed[:, None], self.embed_sum))
         self.cluster_size.copy_(cluster_size)
         self.unused_steps.copy_(torch.where(reset[:, 0], torch.zeros_like(unused), unused))
+
+    def _pick_rows(self, rows: torch.Tensor, dead: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``[L]`` indices into ``rows [P, D]``: the candidate of each code (used where it is dead); no host sync."""
+        num, count = self.num_codes, rows.shape[0]
+        if self.dead_source == "batch":
+            return torch.randint(0, count, (num,), generator=generator, device=rows.device)
+        sq_dist = ops.nearest_code(rows, self.codebook).sq_dist.clamp_min(0.0)
+        weights = sq_dist + sq_dist.mean() * 1e-6 + 1e-12  # every row stays possible (all on a code: uniform)
+        # Distinct rows while there are enough; the i-th dead code takes the i-th draw, so the rows most likely
+        # drawn first (the farthest) go to dead codes, not to the slots of live ones.
+        draws = torch.multinomial(weights, num, replacement=count < num, generator=generator)
+        return draws[(torch.cumsum(dead.long(), 0) - 1).clamp_min(0)]
 
 
 def _laplace(cluster_size: torch.Tensor, eps: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ DEFAULT_SEED = 43  # the default training seed: the trainer's weights and data o
 CLUB_ESTIMATORS = ("all_pairs", "sampled")
 CODEBOOK_INITS = ("kmeans", "sample", "uniform")
 DEAD_CODE_RULES = ("ema", "steps")
-DEAD_CODE_SOURCES = ("batch", "active_code")
+DEAD_CODE_SOURCES = ("batch", "far", "active_code")
 VIDEO_SPECIFIC = ("head", "map")
 TEXT_TARGETS = ("lstm", "features")
 LAYER2_INPUT_NORMS = ("none", "layer")
@@ -58,8 +58,10 @@ class QuantizerConfig:
     dead_code: str = "ema"
     dead_code_threshold: float = 0.1
     dead_code_steps: int = 300
-    # What a dead code becomes: "batch" (a random general feature of the step, every rank's pooled) or
-    # "active_code" (a code used within active_window steps plus uniform noise in +-dead_code_noise, the authors')
+    # What a dead code becomes: "batch" (a random general feature of the step, every rank's pooled), "far" (a
+    # feature of the step drawn with probability proportional to its squared distance from its nearest code,
+    # k-means++ seeding) or "active_code" (a code used within active_window steps plus uniform noise in
+    # +-dead_code_noise, the authors')
     dead_code_source: str = "batch"
     active_window: int = 100
     dead_code_noise: float = 1.0 / 1024.0
