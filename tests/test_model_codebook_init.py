@@ -147,22 +147,22 @@ def test_far_source_gives_dead_codes_the_rows_farthest_from_the_codebook():
     assert got == {tuple(r.tolist()) for r in far}  # distinct rows, both far ones
 
 
-def test_far_source_draws_rows_in_proportion_to_their_squared_distance():
+@pytest.mark.parametrize("rows", [3, 10])  # fewer rows than codes (with replacement), more (distinct draws)
+def test_far_source_draws_rows_in_proportion_to_their_squared_distance(rows):
     dead = torch.zeros(8, dtype=torch.bool)
-    dead[0] = True
+    dead[0] = True  # the first dead code takes the first draw
     book = _far_book(dead)
     with torch.no_grad():
         book.codebook[0] = 1e3  # code 0 (dead) far from every row: not anyone's nearest code
     gen = torch.Generator().manual_seed(11)
-    base = book.codebook[3]
-    offsets = torch.tensor([1.0, 2.0, 3.0])  # squared distances from code 3: 1, 4, 9 (code 3 is nearest for each)
-    pool = torch.stack([base + torch.tensor([0.0, 0.0, o]) * 0.05 for o in offsets])
-    sq = ((pool[:, None] - book.codebook[None]) ** 2).sum(-1).min(1).values.double()
+    direction = torch.nn.functional.normalize(torch.randn(3, generator=gen), dim=0)
+    pool = book.codebook[3] + torch.arange(1, rows + 1, dtype=torch.float32)[:, None] * 0.01 * direction
+    sq = ((pool[:, None].double() - book.codebook[None].double()) ** 2).sum(-1).min(1).values
     want = sq / sq.sum()
-    counts = torch.zeros(3, dtype=torch.float64)
-    for _ in range(3000):
+    counts = torch.zeros(rows, dtype=torch.float64)
+    for _ in range(4000):
         counts[book._pick_rows(pool, dead, gen)[0]] += 1
-    assert torch.allclose(counts / counts.sum(), want, atol=0.03)  # a multinomial: 3 std of 3000 draws is < 0.03
+    assert torch.allclose(counts / counts.sum(), want, atol=0.025)  # 3 std of 4000 draws of p <= 0.5 is < 0.025
 
 
 def test_far_source_is_the_same_for_the_same_seed():

@@ -153,9 +153,15 @@ class EMACodebook(Float32Buffers):
             return torch.randint(0, count, (num,), generator=generator, device=rows.device)
         sq_dist = ops.nearest_code(rows, self.codebook).sq_dist.clamp_min(0.0)
         weights = sq_dist + sq_dist.mean() * 1e-6 + 1e-12  # every row stays possible (all on a code: uniform)
-        # Distinct rows while there are enough; the i-th dead code takes the i-th draw, so the rows most likely
-        # drawn first (the farthest) go to dead codes, not to the slots of live ones.
-        draws = torch.multinomial(weights, num, replacement=count < num, generator=generator)
+        if count < num:  # fewer rows than codes: with replacement, by inverse CDF
+            cdf = torch.cumsum(weights, 0)
+            u = torch.rand(num, generator=generator, device=rows.device) * cdf[-1]
+            return torch.searchsorted(cdf, u).clamp_max(count - 1)
+        # Distinct rows, in the order of sequential weighted sampling without replacement (the smallest E / w
+        # with E ~ Exp(1); torch.multinomial would check its input on the host). The i-th dead code takes the
+        # i-th draw, so the rows most likely drawn first (the farthest) go to dead codes, not to live ones' slots.
+        keys = -torch.log(torch.rand(count, generator=generator, device=rows.device)) / weights
+        draws = torch.topk(keys, num, largest=False, sorted=True).indices
         return draws[(torch.cumsum(dead.long(), 0) - 1).clamp_min(0)]
 
 
