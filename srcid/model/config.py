@@ -62,7 +62,7 @@ class QuantizerConfig:
     # feature of the step drawn with probability proportional to its squared distance from its nearest code,
     # k-means++ seeding) or "active_code" (a code used within active_window steps plus uniform noise in
     # +-dead_code_noise, the authors')
-    dead_code_source: str = "batch"
+    dead_code_source: str = "far"
     active_window: int = 100
     dead_code_noise: float = 1.0 / 1024.0
     rvq_stages: int = 2  # used by the RVQ variants (the variant name sets it)
