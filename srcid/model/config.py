@@ -7,6 +7,7 @@ each option where the paper and the authors' code differ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from srcid.errors import SrcidError
 
@@ -142,6 +143,10 @@ class ModelConfig:
     # clips under the final weights): their shared component otherwise grows at the warm-start switch until every
     # feature falls on one code
     layer2_center: bool = True
+    # the Transformer dropout of layer 2's general encoders (None: transformer.dropout, as in the authors' code).
+    # Layer 2's general features spread little from clip to clip, so its codebook, trained on features with
+    # dropout noise, spends codes on that noise and evaluation (no dropout) finds half of them
+    layer2_dropout: Optional[float] = None
     # detach layer 2's reconstruction target (layer 1's specific output), keeping the gradient through its input:
     # otherwise layer 1's encoder can shrink the target layer 2 must rebuild
     layer2_detach_target: bool = True
@@ -168,6 +173,8 @@ class ModelConfig:
         need(self.hidden % self.transformer.heads == 0, "transformer.heads", f"must divide hidden={self.hidden}")
         need(self.video_conv >= 2 and self.video_conv % 2 == 0, "video_conv", "must be an even integer >= 2")
         need(0.0 <= self.transformer.dropout < 1.0, "transformer.dropout", "must lie in [0, 1)")
+        need(self.layer2_dropout is None or 0.0 <= self.layer2_dropout < 1.0, "layer2_dropout",
+             "must lie in [0, 1) or be none (transformer.dropout)")
         q = self.quantizer
         need(q.codebook_size >= 2, "quantizer.codebook_size", "must be >= 2")
         need(0.0 < q.decay < 1.0, "quantizer.decay", "must lie in (0, 1)")

@@ -51,12 +51,13 @@ class TextFrontEnd(nn.Module):
 class TemporalEncoder(nn.Module):
     """General encoder body: ``Linear(in -> D)`` then a post-norm Transformer encoder."""
 
-    def __init__(self, in_dim: int, config: ModelConfig):
+    def __init__(self, in_dim: int, config: ModelConfig, *, dropout: Optional[float] = None):
         super().__init__()
         t = config.transformer
         self.proj = nn.Linear(in_dim, config.hidden)
         layer = nn.TransformerEncoderLayer(
-            config.hidden, t.heads, dim_feedforward=t.ffn, dropout=t.dropout, activation="relu",
+            config.hidden, t.heads, dim_feedforward=t.ffn, dropout=t.dropout if dropout is None else dropout,
+            activation="relu",
             batch_first=True, norm_first=False,
         )
         self.encoder = nn.TransformerEncoder(layer, t.layers, enable_nested_tensor=False)
@@ -100,12 +101,15 @@ class VideoAttentionPool(nn.Module):
 
 
 class GeneralEncoder(nn.Module):
-    """Phi: optional video pooling, then :class:`TemporalEncoder`; gives ``[B, T, D]``."""
+    """Phi: optional video pooling, then :class:`TemporalEncoder`; gives ``[B, T, D]``.
 
-    def __init__(self, in_shape: tuple, config: ModelConfig):
+    ``dropout``: the Transformer's dropout (``None``: ``transformer.dropout``).
+    """
+
+    def __init__(self, in_shape: tuple, config: ModelConfig, *, dropout: Optional[float] = None):
         super().__init__()
         self.pool = VideoAttentionPool(in_shape[-1], config.video_se_reduction) if len(in_shape) == 3 else None
-        self.temporal = TemporalEncoder(in_shape[-1], config)
+        self.temporal = TemporalEncoder(in_shape[-1], config, dropout=dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pool is not None:

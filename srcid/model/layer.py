@@ -42,11 +42,13 @@ class DisentangleLayer(nn.Module):
     ``specific_dim``: output size of vector specific encoders (``None``: keep the
     input size, as layer 2 does). Video grids get the conv-stack specific
     encoder, whose y is a ``C``-d vector. ``target_dims[m]``: the size of a vector modality's reconstruction
-    target when it is not the layer's input (text with ``text_target="features"``).
+    target when it is not the layer's input (text with ``text_target="features"``). ``general_dropout``: the
+    general encoders' Transformer dropout (``None``: ``transformer.dropout``).
     """
 
     def __init__(self, in_shapes: dict, config: ModelConfig, quantizer: Quantizer, *, specific_dim: Optional[int],
-                 target_dims: Optional[dict] = None, centre_general: bool = False):
+                 target_dims: Optional[dict] = None, centre_general: bool = False,
+                 general_dropout: Optional[float] = None):
         super().__init__()
         self.modalities = tuple(in_shapes)
         self.in_shapes = dict(in_shapes)
@@ -55,7 +57,7 @@ class DisentangleLayer(nn.Module):
         self.decoders = nn.ModuleDict()
         self.specific_dims = {}
         for m, shape in in_shapes.items():
-            self.general[m] = GeneralEncoder(shape, config)
+            self.general[m] = GeneralEncoder(shape, config, dropout=general_dropout)
             if len(shape) == 3:
                 self.specific[m] = VideoSpecificEncoder(shape[-1], config.video_conv, config.video_specific)
                 self.decoders[m] = VideoDecoder(config.hidden, config.video_conv, shape[-1])

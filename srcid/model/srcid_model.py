@@ -86,7 +86,7 @@ class SrcidModel(nn.Module):
         for k in range(1, num_layers):
             shapes = {m: (layers[-1].specific_dims[m],) for m in self.modalities}
             layers.append(DisentangleLayer(shapes, config, make_quantizer(k, self.modalities, config.hidden), specific_dim=None,
-                                           centre_general=config.layer2_center))
+                                           centre_general=config.layer2_center, general_dropout=config.layer2_dropout))
         self.layers = nn.ModuleList(layers)
         self.steps = StepCounter()
         self.batch_gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
