@@ -39,3 +39,25 @@ def random_batch(shapes: dict = TINY_SHAPES, batch: int = 6, *, seed: int = 0, g
         features[m], masks[m] = x, mask
     return Batch(keys=[f"clip{i}" for i in range(batch)], features=features, masks=masks,
                  labels=torch.full((batch,), -1, dtype=torch.long))
+
+
+def evaluation_codes_of_split(model_file, split_dir, split: str = "train") -> tuple:
+    """``(clips, {"L<k>": {modality: distinct codes}})`` of an exported model over every clip of a split of a
+    dataset, in evaluation mode, counted with Python sets over the real steps (for VQ layers)."""
+    from srcid.data.reader import ShardLoader
+    from srcid.model.export import load_model
+
+    model = load_model(model_file)[0].eval()
+    loader = ShardLoader(split_dir, split, batch_size=50, shuffle=False, modalities=tuple(model.input_shapes),
+                         tail="merge")
+    seen, clips = {}, 0
+    with torch.no_grad():
+        for batch in loader.epoch(0):
+            clips += len(batch)
+            output = model(batch)
+            for k, layer in enumerate(output.layers, start=1):
+                for m in output.modalities:
+                    mask = layer.masks.get(m)
+                    rows = layer.indices[m][mask] if mask is not None else layer.indices[m].reshape(-1)
+                    seen.setdefault(f"L{k}", {}).setdefault(m, set()).update(rows.reshape(-1).tolist())
+    return clips, {layer: {m: float(len(codes)) for m, codes in per.items()} for layer, per in seen.items()}

@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers_data import assert_input_statistics_of_split
+from helpers_model import evaluation_codes_of_split
 from srcid.errors import SrcidError
 from srcid.train.collapse import CollapseConfig, CollapseMonitor
 
@@ -116,6 +117,25 @@ def test_the_trainer_warns_and_writes_collapse_events(forced_run):
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("L1/codes/audio", "L2/codes/text", "L1/y_std/video", "L1/target_std/video", "L2/y_std/audio"):
         assert key in header, key
+
+
+def test_the_run_counts_its_codes_in_evaluation_mode_at_the_end(forced_run, synth_dir):
+    """After the last step the trainer counts each layer's codes on the training clips in evaluation mode (the
+    per-step counts include dropout noise): the same numbers as the exported model gives here, clip by clip,
+    and a warning for each one at or below the (forced) collapse bound."""
+    out, stderr = forced_run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    final = [e for e in events if e["name"] == "final_code_use"]
+    assert len(final) == 1 and final[0]["step"] == 8
+    clips, codes = evaluation_codes_of_split(out / "model.safetensors", synth_dir / "pretrain")
+    assert final[0]["info"]["clips"] == clips == 224
+    assert final[0]["info"]["codes"] == codes
+    everything = {(k, m) for k in (1, 2) for m in ("audio", "video", "text")}
+    assert sorted(final[0]["info"]["collapsed"]) == sorted(f"L{k}/{m}" for k, m in everything)
+    at_end = [e["info"] for e in events if e["name"] == "collapse" and e["info"]["kind"] == "codebook_at_end"]
+    assert {(i["layer"], i["modality"]) for i in at_end} == everything
+    assert all(i["bound"] == 1000 and i["value"] == codes[f"L{i['layer']}"][i["modality"]] for i in at_end)
+    assert stderr.count("training clips in evaluation mode (<= 1e+03) at the end of training") == 6
 
 
 def test_the_run_fits_input_statistics_over_the_whole_training_split(forced_run, synth_dir):

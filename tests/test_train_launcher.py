@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_data import assert_input_statistics_of_split, edit_member, first_key, npy_bytes
+from helpers_model import evaluation_codes_of_split
 from srcid.data.synth import synthesize
 from srcid.train.distributed import free_port
 from srcid.train.trainer import main as train_main
@@ -75,6 +76,16 @@ def test_two_ranks_keep_identical_replicas_and_write_logs(full_run):
     assert any(p.name.startswith("events.out.tfevents") for p in (full_run / "tensorboard").rglob("*"))
     assert (full_run / "metrics.png").stat().st_size > 10_000
     assert (full_run / "model.safetensors").is_file() and (full_run / "model.json").is_file()
+
+
+def test_two_ranks_count_the_final_codes_over_both_ranks_clips(full_run, data):
+    """The end-of-training code count sums both ranks' histograms: over the whole training split (224 clips,
+    112 per rank) it equals a single-process count of the exported model."""
+    final = [e for e in events(full_run) if e["name"] == "final_code_use"]
+    assert len(final) == 1
+    clips, codes = evaluation_codes_of_split(full_run / "model.safetensors", data)
+    assert final[0]["info"]["clips"] == clips == 224
+    assert final[0]["info"]["codes"] == codes
 
 
 def test_warm_start_switch_is_logged_and_checkpointed(full_run):

@@ -47,6 +47,7 @@ from srcid.model.variants import build_model, build_model_from_manifest
 from srcid.run import (CHECKPOINTS_DIR, MODEL_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, RunConfig, build_parser,
                        default_ds_config, load_run_config, resolve_config, use_kernels)
 from srcid.train import distributed as dist_helpers
+from srcid.train import final_codes
 from srcid.train import metrics_log  # as a module: tests replace its plot_metrics
 from srcid.train.checkpoint import (CheckpointManager, checkpoint_step, is_complete, load_engine, load_module_state,
                                     load_rng_state, load_tensors, rng_state_path, save_engine, save_rng_state,
@@ -315,16 +316,48 @@ class Trainer:
         summed across ranks (srcid/model/centre.py says why the running mean is not enough)."""
         if not self.config.model.layer2_center:
             return
+        steps = self._first_clips_steps()
+        batches = (self._device_batch(b) for b in self._batches(self.loader.epoch(0), limit=steps))
+        moved = self.model.calibrate_centres(batches, reduce=self._reduce_sum)
+        self.logger.event(self.step, "centre_calibration", {"steps": steps, "moved": moved})
+
+    def _first_clips_steps(self) -> int:
+        """Steps that read the first ``centre_clips`` clips of the training split (all of it when 0)."""
         steps = self.loader.steps_per_epoch()
         if self.config.centre_clips:
             steps = min(steps, max(1, math.ceil(self.config.centre_clips / (self.config.batch_size * self.world_size))))
+        return steps
 
-        def reduce(tensors):
-            return [self.dist.all_reduce_sum_(t.to(self.device)) for t in tensors]
+    def _reduce_sum(self, tensors: list) -> list:
+        return [self.dist.all_reduce_sum_(t.to(self.device)) for t in tensors]
 
-        batches = (self._device_batch(b) for b in self._batches(self.loader.epoch(0), limit=steps))
-        moved = self.model.calibrate_centres(batches, reduce=reduce)
-        self.logger.event(self.step, "centre_calibration", {"steps": steps, "moved": moved})
+    def _final_code_use(self) -> None:
+        """Codes per layer and modality on the first ``centre_clips`` training clips in evaluation mode (the
+        per-step counts include dropout noise; srcid/train/final_codes.py): the ``final_code_use`` event, one
+        console line, and a ``collapse`` event and warning for a layer and modality at or below the collapse
+        bound."""
+        read = torch.zeros(1, dtype=torch.float64, device=self.device)
+
+        def counted(batches):
+            for batch in batches:
+                read.add_(len(batch))
+                yield self._device_batch(batch)
+
+        batches = counted(self._batches(self.loader.epoch(0), limit=self._first_clips_steps()))
+        codes = final_codes.evaluation_code_use(self.model, batches, reduce=self._reduce_sum)
+        clips = int(self._reduce_sum([read])[0].item())
+        found = final_codes.collapsed(codes, self.monitor.codes_bound) if self.config.collapse.enabled else []
+        self.logger.event(self.step, "final_code_use", {"clips": clips, "codes": codes,
+                                                        "collapsed": [f"L{k}/{m}" for k, m, _, _ in found]})
+        for k, m, value, bound in found:
+            message = (f"warning: layer {k} {m} uses {value:.0f} code(s) on {clips} training clips in evaluation "
+                       f"mode (<= {bound:.3g}) at the end of training")
+            self.logger.event(self.step, "collapse", {"kind": "codebook_at_end", "layer": k, "modality": m,
+                                                      "value": value, "bound": bound, "message": message})
+            if self.is_main:
+                print(message, file=sys.stderr, flush=True)
+        if self.is_main:
+            print(final_codes.summary_line(codes, clips), flush=True)
 
     def _device_batch(self, batch):
         batch = batch.to(self.device, non_blocking=True)
@@ -431,6 +464,7 @@ class Trainer:
                 self.step_in_epoch = 0
         bar.close()
         self._calibrate_centres()
+        self._final_code_use()
         self.verify_replicas()
         path = self.save_checkpoint()
         self.logger.close()
