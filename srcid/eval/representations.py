@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from srcid.model.encoders import VectorSpecificEncoder
+from srcid.model.quantizers import codebook_size
 
 # a specific-output dimension counts as live when its std over clips and steps exceeds this fraction of the
 # spread of the layer's reconstruction target (the mean per-feature std, ``target_std``)
@@ -199,18 +200,6 @@ def _rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """``[B, T, ...] -> [real steps, features]``."""
     flat = t.reshape(t.shape[0] * t.shape[1], -1)
     return flat if keep is None else flat[keep.reshape(-1)]
-
-
-def codebook_size(quantizer) -> Optional[int]:
-    """Codes of a layer's quantizer: ``num_codes`` (VQ; RVQ: of each stage; FSQ: ``prod(levels)``), None if unknown."""
-    size = getattr(quantizer, "num_codes", None)
-    if size is None and getattr(quantizer, "levels", None) is not None:
-        size = math.prod(int(v) for v in quantizer.levels)
-    try:
-        size = int(size)
-    except (TypeError, ValueError):
-        return None
-    return size if size > 0 else None
 
 
 def hidden_relu_module(encoder: nn.Module) -> Optional[nn.Module]:

@@ -9,6 +9,7 @@ whatever the surrounding autocast does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import torch
@@ -136,3 +137,15 @@ def group_counts(indices: torch.Tensor, groups: int, num_codes: int) -> torch.Te
     counts = torch.zeros(groups * num_codes, device=indices.device)
     counts.index_add_(0, slot, torch.ones(slot.shape[0], device=indices.device))  # bincount would sync on CUDA
     return counts.view(groups, num_codes)
+
+
+def codebook_size(quantizer) -> Optional[int]:
+    """Codes of a layer's quantizer: ``num_codes`` (VQ; RVQ: of each stage; FSQ: ``prod(levels)``), None if unknown."""
+    size = getattr(quantizer, "num_codes", None)
+    if size is None and getattr(quantizer, "levels", None) is not None:
+        size = math.prod(int(v) for v in quantizer.levels)
+    try:
+        size = int(size)
+    except (TypeError, ValueError):
+        return None
+    return size if size > 0 else None

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from srcid.eval.representations import codebook_size
+from srcid.model.quantizers import codebook_size
 
 
 @torch.no_grad()
