@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from helpers_model import SMALL_SHAPES
-from srcid.data.batch import Batch
+from helpers_model import SMALL_SHAPES, random_batch
 from srcid.errors import SrcidError
 from srcid.model import build_model, model_config
 
@@ -23,14 +22,6 @@ def build(layer2_dropout, variant="srcid"):
     return build_model(variant, config, SMALL_SHAPES)
 
 
-def batch(n=5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    features = {"audio": torch.randn(n, 10, 6, generator=gen), "video": torch.relu(torch.randn(n, 10, 5, 5, 4, generator=gen)),
-                "text": torch.randn(n, 8, 7, generator=gen)}
-    masks = {m: torch.ones(n, x.shape[1], dtype=torch.bool) for m, x in features.items()}
-    return Batch(keys=[str(i) for i in range(n)], features=features, masks=masks, labels=torch.full((n,), -1))
-
-
 def test_none_keeps_the_transformer_dropout_in_both_layers():
     model = build(None)
     assert dropout_rates(model.layers[0].general) == {0.25}
@@ -44,7 +35,7 @@ def test_a_rate_sets_only_layer_2s_general_encoders():
 
 
 def test_without_layer_2_dropout_its_general_features_are_the_same_in_training_and_evaluation():
-    model, data = build(0.0), batch()
+    model, data = build(0.0), random_batch(SMALL_SHAPES, 5)
     model.train()
     layer1 = model.layers[0]
     with torch.no_grad():
