@@ -290,8 +290,9 @@ def register(sub) -> None:
         description="Run a frozen model over clips of a dataset and report, per layer and modality, the codes used "
                     "(flagging a collapsed codebook), how much the specific output varies (a dead one carries nothing "
                     "and gives layer 2 nothing), the hidden ReLU units feeding it that never fire, and the "
-                    "reconstruction error absolute and relative to the target's variance; optionally a PNG of "
-                    "each code-usage histogram.",
+                    "reconstruction error absolute and relative to the target's variance; on labelled clips, the class "
+                    "read back on held-out steps from the codes and from the general features they quantize; "
+                    "optionally a PNG of each code-usage histogram.",
     )
     p.add_argument("--run", type=Path, required=True, metavar="RUN_OR_MODEL", help="a run directory holding model.safetensors, or an exported *.safetensors file")
     p.add_argument("--data", type=Path, required=True, metavar="DATASET_DIR",

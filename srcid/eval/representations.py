@@ -20,6 +20,11 @@ A collapse check, flagging each kind of collapse per layer and modality:
   channel firing where any grid cell does). They are read with forward hooks,
   so the model is not changed.
 
+Where the clips carry classes, each layer and modality also gets the class
+read back on held-out steps from its codes and from the general features they
+quantize (:mod:`srcid.eval.code_classes`): many codes in use do not mean the
+code keeps the class.
+
 A learned reconstruction target (text: the BiLSTM output) can shrink until its
 reconstruction error is small for no merit; the error relative to the
 target's variance shows it.
@@ -42,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from srcid.eval.code_classes import ClassReadingAccumulator, step_labels
 from srcid.model.encoders import VectorSpecificEncoder
 from srcid.model.quantizers import codebook_size
 
@@ -78,6 +84,12 @@ class RepresentationStats:
     hidden_units: Optional[int] = None  # hidden ReLU units feeding y; None where the specific encoder has none
     dead_units: Optional[int] = None  # of those, the units that never fired (output > 0) on a real step
     dead_unit_fraction: Optional[float] = None  # dead_units / hidden_units
+    # the class read back on held-out labelled steps (srcid.eval.code_classes); None without two labelled classes
+    labelled_steps: Optional[int] = None
+    classes: Optional[int] = None  # distinct classes on the labelled steps
+    class_from_codes: Optional[float] = None  # accuracy of each code's most frequent class
+    class_from_general: Optional[float] = None  # accuracy of the nearest class mean of the general features
+    class_most_frequent: Optional[float] = None  # accuracy of the most frequent class: reading nothing
     # how often each distinct code (RVQ: tuple) was used, most used first (the histogram; not written to JSON)
     code_counts: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -138,6 +150,7 @@ class _Accumulator:
         self.squared_error, self.codes = 0.0, collections.Counter()
         self.fired: Optional[torch.Tensor] = None  # [hidden units] bool: fired on some real step
         self.units_known = True  # False once a step came without (alignable) hidden activations
+        self.classes = ClassReadingAccumulator()
 
     def add(self, y, target, reconstruction, indices) -> None:
         self.specific.add(y)
@@ -184,6 +197,7 @@ class _Accumulator:
             units = int(self.fired.numel())
             dead = int((~self.fired).sum())
             dead_fraction = dead / units
+        reading = self.classes.result()
         return RepresentationStats(
             layer=layer, modality=modality, steps=self.specific.count, distinct_codes=len(self.codes),
             code_perplexity=math.exp(entropy), specific_dim=y_std.numel(), specific_std=float(y_std.mean()),
@@ -192,6 +206,11 @@ class _Accumulator:
             codebook_size=codebook_size, stage_distinct_codes=stage_distinct, codebook_fraction=fraction,
             collapsed_codebook=len(self.codes) <= collapse_codes, live_threshold=float(threshold),
             hidden_units=units, dead_units=dead, dead_unit_fraction=dead_fraction,
+            labelled_steps=None if reading is None else reading.labelled_steps,
+            classes=None if reading is None else reading.classes,
+            class_from_codes=None if reading is None else reading.from_codes,
+            class_from_general=None if reading is None else reading.from_general,
+            class_most_frequent=None if reading is None else reading.most_frequent,
             code_counts=sorted(self.codes.values(), reverse=True),
         )
 
@@ -265,17 +284,27 @@ def representation_stats(model, batches: Iterable, *, live_rel: float = LIVE_REL
                 if module is not None:
                     handles.append(module.register_forward_hook(capture((k, m))))
                     hooked.add((k, m))
+        clips_read = 0
         for batch in batches:
             captured.clear()
             output = model(batch)
+            labels = getattr(batch, "labels", None)
             for k, layer in enumerate(output.layers, start=1):
                 for m in output.modalities:
                     keep = layer.masks.get(m)
                     acc = accumulators.setdefault((k, m), _Accumulator())
+                    indices = _rows(layer.indices[m], keep)
                     acc.add(_rows(layer.specific[m], keep), _rows(layer.targets[m], keep),
-                            _rows(layer.reconstructions[m], keep), _rows(layer.indices[m], keep))
+                            _rows(layer.reconstructions[m], keep), indices)
+                    if labels is not None:
+                        b, t = layer.indices[m].shape[:2]
+                        classes = step_labels(labels, getattr(batch, "segments", {}).get(m), t)
+                        clips = (clips_read + torch.arange(b, device=classes.device)).unsqueeze(1).expand(b, t)
+                        acc.classes.add(_rows(layer.general[m], keep), indices,
+                                        _rows(classes, keep).reshape(-1), _rows(clips, keep).reshape(-1))
                     if (k, m) in hooked:
                         acc.add_hidden(_hidden_rows(captured.get((k, m)), tuple(layer.indices[m].shape[:2]), keep))
+            clips_read += 0 if labels is None else int(labels.shape[0])
     finally:
         for handle in handles:
             handle.remove()
@@ -305,7 +334,7 @@ def _threshold(live_rel: float, live_std: Optional[float]) -> str:
 
 
 def to_markdown(stats: list, live_rel: float = LIVE_REL, live_std: Optional[float] = None) -> str:
-    """The statistics as one markdown table."""
+    """The statistics as a markdown table; where clips carry classes, a second table: the class read back."""
     lines = [
         f"| layer | modality | distinct codes | codebook used | code perplexity | y dims live ({_threshold(live_rel, live_std)}) | "
         "live threshold | y std | target std | dead units | recon MSE | recon MSE / target var | flags |",
@@ -320,6 +349,20 @@ def to_markdown(stats: list, live_rel: float = LIVE_REL, live_std: Optional[floa
             f"{_number(s.target_std)} | {dead} | {_number(s.recon_mse)} | {_number(s.recon_relative, 3)} | "
             f"{', '.join(s.flags) or '-'} |"
         )
+    labelled = [s for s in stats if s.classes is not None]
+    if labelled:
+        lines += [
+            "",
+            "The class read back on held-out labelled steps (fitted on even clips, scored on odd ones; "
+            "srcid/eval/code_classes.py):",
+            "",
+            "| layer | modality | labelled steps | classes | distinct codes | from the codes | "
+            "from the general features (nearest class mean) | most frequent class |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {s.layer} | {s.modality} | {s.labelled_steps} | {s.classes} | {_codes(s)} | "
+                  f"{_percent(s.class_from_codes)} | {_percent(s.class_from_general)} | "
+                  f"{_percent(s.class_most_frequent)} |" for s in labelled]
     return "\n".join(lines)
 
 
