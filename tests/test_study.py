@@ -135,12 +135,15 @@ def test_collapse_table_follows_the_inspect_json(full):
     dead = " / ".join(f"{100 * layer2[m]['dead_unit_fraction']:.0f}%" for m in ("audio", "video", "text"))
     recon = " / ".join("-" if layer2[m]["recon_relative"] is None else f"{layer2[m]['recon_relative']:.2f}"
                        for m in ("audio", "video", "text"))
+    read = " / ".join("-" if layer2[m]["class_from_codes"] is None else f"{100 * layer2[m]['class_from_codes']:.0f}%"
+                      for m in ("audio", "video", "text"))
     kinds = {}
     for m in ("audio", "video", "text"):
         for flag in layer2[m]["flags"]:
             kinds.setdefault(flag, []).append(m)
     flagged = "; ".join(f"{flag}: {', '.join(found)}" for flag, found in kinds.items()) or "-"
-    assert f"| srcid | 2 | {codes} | {live} | {dead} | {recon} | {flagged} |" in text
+    assert f"| srcid | 2 | {codes} | {live} | {dead} | {recon} | {read} | {flagged} |" in text
+    assert all(s["classes"] >= 2 and 0.0 <= s["class_from_codes"] <= 1.0 for s in stats)  # pretraining clips: labelled
     assert all(s["collapsed_codebook"] == (s["distinct_codes"] <= 2) for s in stats)
     assert (full / "cells" / "srcid" / "inspect-codes.png").is_file()  # the code-usage plot beside the JSON
     assert "| dcid-vq | 1 |" in text and "| dcid-vq | 2 |" not in text
@@ -157,14 +160,15 @@ def test_collapse_table_reads_older_and_flagged_inspect_json():
 
     old = {"clips": 40, "live_std": 0.01, "stats": [stat("audio"), stat("video", collapsed=True)]}
     new = {"clips": 40, "live_std": None, "live_rel": 0.01, "collapse_codes": 2, "stats": [
-        stat("audio", distinct_codes=1, dead_unit_fraction=0.25, flags=["collapsed codebook"]),
+        stat("audio", distinct_codes=1, dead_unit_fraction=0.25, class_from_codes=0.125, flags=["collapsed codebook"]),
         stat("video", specific_live_dims=0, dead_unit_fraction=None, flags=["collapsed codebook", "dead y"])]}
     cells = {name: SimpleNamespace(cell=SimpleNamespace(name=name), inspection=data)
              for name, data in (("new", new), ("old", old))}
     text = "\n".join(collapse_table(cells))
     assert "0.01 times the spread" in text and "at most 2 distinct codes" in text
-    assert "| new | 1 | 1 / 5 | 3/8 / 0/8 | 25% / - | 0.50 / 0.50 | collapsed codebook: audio, video; dead y: video |" in text
-    assert "| old | 1 | 5 / 5 | 3/8 / 3/8 | - / - | 0.50 / 0.50 | dead y: video |" in text
+    assert ("| new | 1 | 1 / 5 | 3/8 / 0/8 | 25% / - | 0.50 / 0.50 | 12% / - | collapsed codebook: audio, video; "
+            "dead y: video |") in text
+    assert "| old | 1 | 5 / 5 | 3/8 / 3/8 | - / - | 0.50 / 0.50 | - / - | dead y: video |" in text
 
 
 def test_mi_curves_follow_metrics_csv_and_the_switch_event(full):

@@ -276,7 +276,7 @@ def _live_rule(inspection: dict) -> str:
 
 def collapse_table(cells: dict) -> list:
     """Markdown lines: per cell and layer, codes used, live specific dimensions, dead hidden units, relative
-    reconstruction error and the kinds of collapse flagged."""
+    reconstruction error, the class read back from the codes and the kinds of collapse flagged."""
     inspected = [r for r in cells.values() if r.inspection is not None]
     if not inspected:
         return ["No collapse checks yet."]
@@ -290,11 +290,13 @@ def collapse_table(cells: dict) -> list:
              f"different codes used{codebook_rule}, dimensions of the specific output y {_live_rule(first)} "
              "(0 = *dead y*: y carries nothing, CLUB's estimate for it is 0 by construction, and layer 2 reads a "
              "constant), the share of the hidden ReLU units feeding y that never fire, the reconstruction error "
-             "relative to the target's variance, and the kinds of collapse flagged.",
+             "relative to the target's variance, the class read back from the codes on held-out labelled steps "
+             "(each code's most frequent class; `srcid inspect`'s second table, where the most frequent class "
+             "alone scores what reading nothing does), and the kinds of collapse flagged.",
              "",
              f"| cell | layer | distinct codes ({names}) | live y dims ({names}) | dead units ({names}) "
-             f"| recon MSE / target var ({names}) | flagged |",
-             "|---|:-:|---|---|---|---|---|"]
+             f"| recon MSE / target var ({names}) | class from codes ({names}) | flagged |",
+             "|---|:-:|---|---|---|---|---|---|"]
 
     def joined(stats, key, form):
         by_modality = {s["modality"]: s for s in stats}
@@ -319,7 +321,9 @@ def collapse_table(cells: dict) -> list:
             live = joined(in_layer, "specific_live_dims", lambda s: f"{s['specific_live_dims']}/{s['specific_dim']}")
             dead = joined(in_layer, "dead_unit_fraction", lambda s: f"{100 * s['dead_unit_fraction']:.0f}%")
             recon = joined(in_layer, "recon_relative", lambda s: f"{s['recon_relative']:.2f}")
-            lines.append(f"| {result.cell.name} | {layer} | {codes} | {live} | {dead} | {recon} | {flagged(in_layer)} |")
+            read = joined(in_layer, "class_from_codes", lambda s: f"{100 * s['class_from_codes']:.0f}%")
+            lines.append(f"| {result.cell.name} | {layer} | {codes} | {live} | {dead} | {recon} | {read} "
+                         f"| {flagged(in_layer)} |")
     return lines
 
 
