@@ -42,15 +42,21 @@ def random_batch(shapes: dict = TINY_SHAPES, batch: int = 6, *, seed: int = 0, g
 
 
 def evaluation_codes_of_split(model_file, split_dir, split: str = "train") -> tuple:
-    """``(clips, {"L<k>": {modality: distinct codes}})`` of an exported model over every clip of a split of a
-    dataset, in evaluation mode, counted with Python sets over the real steps (for VQ layers)."""
+    """``(clips, {"L<k>": {modality: distinct codes}}, {"L<k>": {modality: class read from the codes}})`` of an
+    exported model over every clip of a split of a dataset, in evaluation mode, counted with Python sets and
+    dicts over the real steps (for VQ layers). The class reading: a step's class is its segment's single class
+    (audio, video) or its clip's label (text); clips whose key has an even CRC-32 fit each code's most frequent
+    class (ties: the smallest), the others are scored."""
+    import zlib
+    from collections import Counter
+
     from srcid.data.reader import ShardLoader
     from srcid.model.export import load_model
 
     model = load_model(model_file)[0].eval()
     loader = ShardLoader(split_dir, split, batch_size=50, shuffle=False, modalities=tuple(model.input_shapes),
                          tail="merge")
-    seen, clips = {}, 0
+    seen, steps, clips = {}, {}, 0
     with torch.no_grad():
         for batch in loader.epoch(0):
             clips += len(batch)
@@ -60,4 +66,29 @@ def evaluation_codes_of_split(model_file, split_dir, split: str = "train") -> tu
                     mask = layer.masks.get(m)
                     rows = layer.indices[m][mask] if mask is not None else layer.indices[m].reshape(-1)
                     seen.setdefault(f"L{k}", {}).setdefault(m, set()).update(rows.reshape(-1).tolist())
-    return clips, {layer: {m: float(len(codes)) for m, codes in per.items()} for layer, per in seen.items()}
+                    indices = layer.indices[m].tolist()
+                    for i, key in enumerate(batch.keys):
+                        fit = zlib.crc32(key.encode()) % 2 == 0
+                        for t, code in enumerate(indices[i]):
+                            if mask is not None and not bool(mask[i, t]):
+                                continue
+                            if m in batch.segments:
+                                on = [c for c, v in enumerate(batch.segments[m][i, t].tolist()) if v > 0]
+                                label = on[0] if len(on) == 1 else -1
+                            else:
+                                label = int(batch.labels[i])
+                            if label >= 0:
+                                steps.setdefault((f"L{k}", m), []).append((fit, code, label))
+    reading = {}
+    for (layer, m), found in steps.items():
+        fitted = Counter(label for fit, _, label in found if fit)
+        majority = min(fitted, key=lambda c: (-fitted[c], c))
+        per_code = {}
+        for fit, code, label in found:
+            if fit:
+                per_code.setdefault(code, Counter())[label] += 1
+        choice = {code: min(c, key=lambda x: (-c[x], x)) for code, c in per_code.items()}
+        scored = [(code, label) for fit, code, label in found if not fit]
+        reading.setdefault(layer, {})[m] = sum(choice.get(code, majority) == label for code, label in scored) / len(scored)
+    codes = {layer: {m: float(len(codes)) for m, codes in per.items()} for layer, per in seen.items()}
+    return clips, codes, reading

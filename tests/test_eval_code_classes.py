@@ -1,6 +1,7 @@
 """The class read back from codes and general features (``srcid inspect``'s second table) against a plain-Python
 reference on fresh random inputs, on structured cases whose answer is known, and on a model's forward pass."""
 import json
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from srcid.data.reader import ShardLoader
-from srcid.eval.code_classes import ClassReadingAccumulator, step_labels
+from srcid.data.batch import fitting_clips, step_labels
+from srcid.eval.code_classes import ClassReadingAccumulator
 from srcid.eval.representations import representation_stats, to_markdown
 from srcid.model import build_model_from_manifest, model_config
 
@@ -42,13 +44,13 @@ def test_step_labels_match_a_loop(b, t, c):
     assert bool((step_labels(labels, segments, t + 1) == -1).all())
 
 
-def reference_reading(general, codes, labels, clips):
-    """The same reading with Python dicts and numpy float64 distances."""
+def reference_reading(general, codes, labels, fitted):
+    """The same reading with Python dicts and numpy float64 distances; ``fitted``: bool per step."""
     keep = labels >= 0
-    general, codes, labels, clips = general[keep], codes[keep], labels[keep], clips[keep]
+    general, codes, labels, fitted = general[keep], codes[keep], labels[keep], fitted[keep]
     keys = [tuple(row) for row in codes.tolist()]
-    fit = [i for i in range(len(labels)) if clips[i] % 2 == 0]
-    score = [i for i in range(len(labels)) if clips[i] % 2 == 1]
+    fit = [i for i in range(len(labels)) if fitted[i]]
+    score = [i for i in range(len(labels)) if not fitted[i]]
     counts = Counter(int(labels[i]) for i in fit)
     majority = min(counts, key=lambda k: (-counts[k], k))
     per_code = {}
@@ -87,11 +89,11 @@ def test_reading_matches_the_reference(stages, seed):
         for key, value in zip("gclk", (g, c, step, k)):
             parts[key].append(rows(value))
         accumulator.add(torch.from_numpy(rows(g)).float(), torch.from_numpy(rows(c)),
-                        torch.from_numpy(rows(step)), torch.from_numpy(rows(k)))
+                        torch.from_numpy(rows(step)), torch.from_numpy(rows(k) % 2 == 0))
     assert start == n_clips
     general = np.concatenate(parts["g"]).astype(np.float32).astype(np.float64)  # what the accumulator got
     expected = reference_reading(general, np.concatenate(parts["c"]), np.concatenate(parts["l"]),
-                                 np.concatenate(parts["k"]))
+                                 np.concatenate(parts["k"]) % 2 == 0)
     got = accumulator.result()
     for name, value in expected.items():
         assert getattr(got, name) == pytest.approx(value, abs=1e-12), name
@@ -101,7 +103,7 @@ def test_reading_matches_the_reference(stages, seed):
 def test_codes_that_are_the_class_read_it_perfectly():
     rng = np.random.default_rng(3)
     labels = torch.from_numpy(rng.integers(0, 4, 200))
-    clips = torch.arange(200)
+    clips = torch.arange(200) % 2 == 0
     general = torch.nn.functional.one_hot(labels, 4).double() * 10 + 0.1 * torch.randn(200, 4, dtype=torch.float64)
     accumulator = ClassReadingAccumulator()
     accumulator.add(general, (labels + 50).unsqueeze(1), labels, clips)
@@ -117,14 +119,16 @@ def test_codes_that_are_the_class_read_it_perfectly():
 def test_no_reading_without_two_classes_or_both_halves():
     accumulator = ClassReadingAccumulator()
     assert accumulator.result() is None
-    accumulator.add(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.int64), torch.full((6,), 2), torch.arange(6))
+    accumulator.add(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.int64), torch.full((6,), 2),
+                    torch.arange(6) % 2 == 0)
     assert accumulator.result() is None  # one class
     accumulator = ClassReadingAccumulator()
     accumulator.add(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.int64), torch.arange(6) % 3,
-                    torch.arange(6) * 2)  # even clips only: nothing to score
+                    torch.ones(6, dtype=torch.bool))  # every clip fits: nothing to score
     assert accumulator.result() is None
     accumulator = ClassReadingAccumulator()
-    accumulator.add(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.int64), torch.full((6,), -1), torch.arange(6))
+    accumulator.add(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.int64), torch.full((6,), -1),
+                    torch.arange(6) % 2 == 0)
     assert accumulator.result() is None  # nothing labelled
 
 
@@ -137,7 +141,6 @@ def test_representation_stats_read_the_class_of_a_forward_pass(synth_dir):
     model.eval()
     collected = {}
     with torch.no_grad():
-        start = 0
         for batch in batch_list:
             out = model(batch)
             for k, layer in enumerate(out.layers, start=1):
@@ -151,8 +154,8 @@ def test_representation_stats_read_the_class_of_a_forward_pass(synth_dir):
                     part["g"].append(layer.general[m].double().numpy()[keep])
                     part["c"].append(layer.indices[m].reshape(b, t, -1).numpy()[keep])
                     part["l"].append(lab[keep])
-                    part["k"].append(np.repeat((start + np.arange(b))[:, None], t, 1)[keep])
-            start += len(batch)
+                    fitted = np.array([zlib.crc32(key.encode()) % 2 == 0 for key in batch.keys])
+                    part["k"].append(np.repeat(fitted[:, None], t, 1)[keep])
     assert len(stats) == len(collected) == 6
     for s in stats:
         part = collected[(s.layer, s.modality)]
@@ -167,3 +170,11 @@ def test_representation_stats_read_the_class_of_a_forward_pass(synth_dir):
     row = [line for line in table.splitlines() if line.startswith("| 1 | text |")][-1]
     assert f"| {stats[2].labelled_steps} | {stats[2].classes} |" in row
     assert json.loads(json.dumps(stats[0].to_json(), allow_nan=False))["class_from_codes"] == stats[0].class_from_codes
+
+
+def test_the_split_is_by_key():
+    keys = [f"train-{i}" for i in range(400)]
+    fit = fitting_clips(keys)
+    assert fit.tolist() == [zlib.crc32(key.encode()) % 2 == 0 for key in keys]
+    assert 150 < int(fit.sum()) < 250  # about half
+    assert fitting_clips(keys[::-1]).tolist() == fit.tolist()[::-1]  # a clip's half does not depend on the order

@@ -127,9 +127,16 @@ def test_the_run_counts_its_codes_in_evaluation_mode_at_the_end(forced_run, synt
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     final = [e for e in events if e["name"] == "final_code_use"]
     assert len(final) == 1 and final[0]["step"] == 8
-    clips, codes = evaluation_codes_of_split(out / "model.safetensors", synth_dir / "pretrain")
+    clips, codes, reading = evaluation_codes_of_split(out / "model.safetensors", synth_dir / "pretrain")
     assert final[0]["info"]["clips"] == clips == 224
     assert final[0]["info"]["codes"] == codes
+    # the class read back from the codes on the held-out clips, as computed with Python dicts
+    got = final[0]["info"]["class_from_codes"]
+    assert got.keys() == reading.keys() and all(got[k].keys() == reading[k].keys() for k in reading)
+    for layer, per in reading.items():
+        for m, value in per.items():
+            assert got[layer][m] == pytest.approx(value, abs=1e-12), (layer, m)
+    assert all(0.0 < v < 1.0 for per in final[0]["info"]["class_most_frequent"].values() for v in per.values())
     everything = {(k, m) for k in (1, 2) for m in ("audio", "video", "text")}
     assert sorted(final[0]["info"]["collapsed"]) == sorted(f"L{k}/{m}" for k, m in everything)
     at_end = [e["info"] for e in events if e["name"] == "collapse" and e["info"]["kind"] == "codebook_at_end"]

@@ -83,9 +83,13 @@ def test_two_ranks_count_the_final_codes_over_both_ranks_clips(full_run, data):
     112 per rank) it equals a single-process count of the exported model."""
     final = [e for e in events(full_run) if e["name"] == "final_code_use"]
     assert len(final) == 1
-    clips, codes = evaluation_codes_of_split(full_run / "model.safetensors", data)
+    clips, codes, reading = evaluation_codes_of_split(full_run / "model.safetensors", data)
     assert final[0]["info"]["clips"] == clips == 224
     assert final[0]["info"]["codes"] == codes
+    got = final[0]["info"]["class_from_codes"]  # both ranks' per-code class counts, summed
+    assert got.keys() == reading.keys()
+    for layer, per in reading.items():
+        assert got[layer] == pytest.approx(per, abs=1e-12), layer
 
 
 def test_warm_start_switch_is_logged_and_checkpointed(full_run):

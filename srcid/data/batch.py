@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from typing import Optional
 
 import torch
 
@@ -63,3 +65,31 @@ class Batch:
         """The same clips with only the given modalities."""
         keep = lambda d: {k: v for k, v in d.items() if k in modalities}  # noqa: E731
         return dataclasses.replace(self, features=keep(self.features), masks=keep(self.masks), segments=keep(self.segments))
+
+
+def step_labels(labels: torch.Tensor, segments: Optional[torch.Tensor], steps: int) -> torch.Tensor:
+    """``[B, steps]`` int64 class of each step of one modality, ``-1`` where it has none.
+
+    ``labels``: ``[B]`` clip classes (``-1``: none); ``segments``: that modality's ``[B, T, C]`` multi-hot
+    per-segment labels, or ``None``. With segments, a step takes the class of its segment where exactly one
+    class is on (background and overlapping events have none); segments of another length than ``steps``
+    cannot be aligned with the steps, so every step then has none. Without segments (text) every step takes
+    its clip's class.
+    """
+    b = labels.shape[0]
+    if segments is None:
+        return labels.to(torch.int64).reshape(b, 1).expand(b, steps).clone()
+    if tuple(segments.shape[:2]) != (b, steps) or segments.shape[-1] == 0:
+        return torch.full((b, steps), -1, dtype=torch.int64, device=labels.device)
+    on = segments > 0
+    single = on.sum(-1) == 1
+    return torch.where(single, on.to(torch.int64).argmax(-1), torch.full_like(single, -1, dtype=torch.int64))
+
+
+def fitting_clips(keys: list) -> torch.Tensor:
+    """``[B]`` bool: the clips a held-out reading fits on (the CRC-32 of the key is even); the others are scored.
+
+    A function of the key alone, so the split is the same whatever the order, the batching or the number of
+    ranks that read the clips.
+    """
+    return torch.tensor([zlib.crc32(str(key).encode("utf-8")) % 2 == 0 for key in keys], dtype=torch.bool)

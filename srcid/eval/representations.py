@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from srcid.eval.code_classes import ClassReadingAccumulator, step_labels
+from srcid.data.batch import fitting_clips, step_labels
+from srcid.eval.code_classes import ClassReadingAccumulator
 from srcid.model.encoders import VectorSpecificEncoder
 from srcid.model.quantizers import codebook_size
 
@@ -284,11 +285,10 @@ def representation_stats(model, batches: Iterable, *, live_rel: float = LIVE_REL
                 if module is not None:
                     handles.append(module.register_forward_hook(capture((k, m))))
                     hooked.add((k, m))
-        clips_read = 0
         for batch in batches:
             captured.clear()
             output = model(batch)
-            labels = getattr(batch, "labels", None)
+            labels = getattr(batch, "labels", None) if hasattr(batch, "keys") else None
             for k, layer in enumerate(output.layers, start=1):
                 for m in output.modalities:
                     keep = layer.masks.get(m)
@@ -299,12 +299,11 @@ def representation_stats(model, batches: Iterable, *, live_rel: float = LIVE_REL
                     if labels is not None:
                         b, t = layer.indices[m].shape[:2]
                         classes = step_labels(labels, getattr(batch, "segments", {}).get(m), t)
-                        clips = (clips_read + torch.arange(b, device=classes.device)).unsqueeze(1).expand(b, t)
+                        fit = fitting_clips(batch.keys).to(classes.device).unsqueeze(1).expand(b, t)
                         acc.classes.add(_rows(layer.general[m], keep), indices,
-                                        _rows(classes, keep).reshape(-1), _rows(clips, keep).reshape(-1))
+                                        _rows(classes, keep).reshape(-1), _rows(fit, keep).reshape(-1))
                     if (k, m) in hooked:
                         acc.add_hidden(_hidden_rows(captured.get((k, m)), tuple(layer.indices[m].shape[:2]), keep))
-            clips_read += 0 if labels is None else int(labels.shape[0])
     finally:
         for handle in handles:
             handle.remove()
@@ -353,8 +352,8 @@ def to_markdown(stats: list, live_rel: float = LIVE_REL, live_std: Optional[floa
     if labelled:
         lines += [
             "",
-            "The class read back on held-out labelled steps (fitted on even clips, scored on odd ones; "
-            "srcid/eval/code_classes.py):",
+            "The class read back on held-out labelled steps (fitted on the clips whose key has an even CRC-32, "
+            "scored on the others; srcid/eval/code_classes.py):",
             "",
             "| layer | modality | labelled steps | classes | distinct codes | from the codes | "
             "from the general features (nearest class mean) | most frequent class |",

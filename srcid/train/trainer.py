@@ -333,9 +333,9 @@ class Trainer:
 
     def _final_code_use(self) -> None:
         """Codes per layer and modality on the first ``centre_clips`` training clips in evaluation mode (the
-        per-step counts include dropout noise; srcid/train/final_codes.py): the ``final_code_use`` event, one
-        console line, and a ``collapse`` event and warning for a layer and modality at or below the collapse
-        bound."""
+        per-step counts include dropout noise; srcid/train/final_codes.py), and the class read back from them on
+        held-out clips where the clips carry classes: the ``final_code_use`` event, console lines, and a
+        ``collapse`` event and warning for a layer and modality at or below the collapse bound."""
         read = torch.zeros(1, dtype=torch.float64, device=self.device)
 
         def counted(batches):
@@ -344,11 +344,15 @@ class Trainer:
                 yield self._device_batch(batch)
 
         batches = counted(self._batches(self.loader.epoch(0), limit=self._first_clips_steps()))
-        codes = final_codes.evaluation_code_use(self.model, batches, reduce=self._reduce_sum)
+        use = final_codes.evaluation_code_use(self.model, batches, reduce=self._reduce_sum,
+                                              classes=len(self.loader.manifest.classes))
+        codes = use.codes
         clips = int(self._reduce_sum([read])[0].item())
         found = final_codes.collapsed(codes, self.monitor.codes_bound) if self.config.collapse.enabled else []
         self.logger.event(self.step, "final_code_use", {"clips": clips, "codes": codes,
-                                                        "collapsed": [f"L{k}/{m}" for k, m, _, _ in found]})
+                                                        "collapsed": [f"L{k}/{m}" for k, m, _, _ in found],
+                                                        "class_from_codes": use.class_from_codes,
+                                                        "class_most_frequent": use.most_frequent})
         for k, m, value, bound in found:
             message = (f"warning: layer {k} {m} uses {value:.0f} code(s) on {clips} training clips in evaluation "
                        f"mode (<= {bound:.3g}) at the end of training")
@@ -358,6 +362,9 @@ class Trainer:
                 print(message, file=sys.stderr, flush=True)
         if self.is_main:
             print(final_codes.summary_line(codes, clips), flush=True)
+            line = final_codes.class_line(use)
+            if line is not None:
+                print(line, flush=True)
 
     def _device_batch(self, batch):
         batch = batch.to(self.device, non_blocking=True)
