@@ -41,6 +41,22 @@ def random_batch(shapes: dict = TINY_SHAPES, batch: int = 6, *, seed: int = 0, g
                  labels=torch.full((batch,), -1, dtype=torch.long))
 
 
+def layer_outputs(model, batches):
+    """``(batch, k, modality, layer output, real [B, T] bool numpy)`` for every layer (1-based ``k``) and modality of
+    ``model`` over ``batches``, in evaluation mode without gradient (the mode is left in evaluation)."""
+    import numpy as np
+
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            output = model(batch)
+            for k, layer in enumerate(output.layers, start=1):
+                for m in output.modalities:
+                    mask = layer.masks.get(m)
+                    real = np.ones(tuple(layer.indices[m].shape[:2]), bool) if mask is None else mask.numpy()
+                    yield batch, k, m, layer, real
+
+
 def evaluation_codes_of_split(model_file, split_dir, split: str = "train") -> tuple:
     """``(clips, {"L<k>": {modality: distinct codes}}, {"L<k>": {modality: class read from the codes}})`` of an
     exported model over every clip of a split of a dataset, in evaluation mode, counted with Python sets and
@@ -53,32 +69,28 @@ def evaluation_codes_of_split(model_file, split_dir, split: str = "train") -> tu
     from srcid.data.reader import ShardLoader
     from srcid.model.export import load_model
 
-    model = load_model(model_file)[0].eval()
+    model = load_model(model_file)[0]
     loader = ShardLoader(split_dir, split, batch_size=50, shuffle=False, modalities=tuple(model.input_shapes),
                          tail="merge")
-    seen, steps, clips = {}, {}, 0
-    with torch.no_grad():
-        for batch in loader.epoch(0):
+    seen, steps, clips, counted = {}, {}, 0, set()
+    for batch, k, m, layer, real in layer_outputs(model, loader.epoch(0)):
+        if id(batch) not in counted:
+            counted.add(id(batch))
             clips += len(batch)
-            output = model(batch)
-            for k, layer in enumerate(output.layers, start=1):
-                for m in output.modalities:
-                    mask = layer.masks.get(m)
-                    rows = layer.indices[m][mask] if mask is not None else layer.indices[m].reshape(-1)
-                    seen.setdefault(f"L{k}", {}).setdefault(m, set()).update(rows.reshape(-1).tolist())
-                    indices = layer.indices[m].tolist()
-                    for i, key in enumerate(batch.keys):
-                        fit = zlib.crc32(key.encode()) % 2 == 0
-                        for t, code in enumerate(indices[i]):
-                            if mask is not None and not bool(mask[i, t]):
-                                continue
-                            if m in batch.segments:
-                                on = [c for c, v in enumerate(batch.segments[m][i, t].tolist()) if v > 0]
-                                label = on[0] if len(on) == 1 else -1
-                            else:
-                                label = int(batch.labels[i])
-                            if label >= 0:
-                                steps.setdefault((f"L{k}", m), []).append((fit, code, label))
+        seen.setdefault(f"L{k}", {}).setdefault(m, set()).update(layer.indices[m].numpy()[real].reshape(-1).tolist())
+        indices = layer.indices[m].tolist()
+        for i, key in enumerate(batch.keys):
+            fit = zlib.crc32(key.encode()) % 2 == 0
+            for t, code in enumerate(indices[i]):
+                if not real[i, t]:
+                    continue
+                if m in batch.segments:
+                    on = [c for c, v in enumerate(batch.segments[m][i, t].tolist()) if v > 0]
+                    label = on[0] if len(on) == 1 else -1
+                else:
+                    label = int(batch.labels[i])
+                if label >= 0:
+                    steps.setdefault((f"L{k}", m), []).append((fit, code, label))
     reading = {}
     for (layer, m), found in steps.items():
         fitted = Counter(label for fit, _, label in found if fit)

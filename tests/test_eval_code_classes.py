@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from srcid.data.reader import ShardLoader
+from helpers_model import layer_outputs
 from srcid.data.batch import fitting_clips, step_labels
+from srcid.data.reader import ShardLoader
 from srcid.eval.code_classes import ClassReadingAccumulator
 from srcid.eval.representations import representation_stats, to_markdown
 from srcid.model import build_model_from_manifest, model_config
@@ -138,24 +139,17 @@ def test_representation_stats_read_the_class_of_a_forward_pass(synth_dir):
     model = build_model_from_manifest("srcid", model_config("tiny"), loader.manifest)
     batch_list = [b for _, b in zip(range(3), loader.epoch(0))]
     stats = representation_stats(model, batch_list)
-    model.eval()
     collected = {}
-    with torch.no_grad():
-        for batch in batch_list:
-            out = model(batch)
-            for k, layer in enumerate(out.layers, start=1):
-                for m in out.modalities:
-                    b, t = layer.indices[m].shape[:2]
-                    keep = layer.masks.get(m)
-                    keep = np.ones((b, t), bool) if keep is None else keep.numpy()
-                    seg = batch.segments.get(m)
-                    lab = reference_step_labels(batch.labels.numpy(), None if seg is None else seg.numpy(), t)
-                    part = collected.setdefault((k, m), {"g": [], "c": [], "l": [], "k": []})
-                    part["g"].append(layer.general[m].double().numpy()[keep])
-                    part["c"].append(layer.indices[m].reshape(b, t, -1).numpy()[keep])
-                    part["l"].append(lab[keep])
-                    fitted = np.array([zlib.crc32(key.encode()) % 2 == 0 for key in batch.keys])
-                    part["k"].append(np.repeat(fitted[:, None], t, 1)[keep])
+    for batch, k, m, layer, keep in layer_outputs(model, batch_list):
+        b, t = keep.shape
+        seg = batch.segments.get(m)
+        lab = reference_step_labels(batch.labels.numpy(), None if seg is None else seg.numpy(), t)
+        part = collected.setdefault((k, m), {"g": [], "c": [], "l": [], "k": []})
+        part["g"].append(layer.general[m].double().numpy()[keep])
+        part["c"].append(layer.indices[m].reshape(b, t, -1).numpy()[keep])
+        part["l"].append(lab[keep])
+        fitted = np.array([zlib.crc32(key.encode()) % 2 == 0 for key in batch.keys])
+        part["k"].append(np.repeat(fitted[:, None], t, 1)[keep])
     assert len(stats) == len(collected) == 6
     for s in stats:
         part = collected[(s.layer, s.modality)]

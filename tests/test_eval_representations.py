@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers_model import layer_outputs
 import srcid.cli
 from srcid.data.reader import ShardLoader
 from srcid.eval.representations import (
@@ -51,24 +52,18 @@ def _hidden_activations(encoder, target):
 
 def expected_stats(model, batch_list, *, live_rel=LIVE_REL, live_std=None, collapse_codes=2):
     """The same numbers from the forward outputs, concatenated and computed with numpy in float64."""
-    model.eval()
     collected = {}
-    with torch.no_grad():
-        for batch in batch_list:
-            out = model(batch)
-            for k, layer in enumerate(out.layers, start=1):
-                for m in out.modalities:
-                    keep = layer.masks.get(m)
-                    keep = np.ones(layer.indices[m].shape[:2], bool) if keep is None else keep.numpy()
-                    keep = keep.reshape(-1)
-                    rows = lambda t: t.reshape(t.shape[0] * t.shape[1], -1).double().numpy()[keep]  # noqa: E731
-                    parts = collected.setdefault((k, m), {"y": [], "t": [], "r": [], "i": [], "h": []})
-                    parts["y"].append(rows(layer.specific[m]))
-                    parts["t"].append(rows(layer.targets[m]))
-                    parts["r"].append(rows(layer.reconstructions[m]))
-                    parts["i"].append(rows(layer.indices[m]))
-                    hidden = _hidden_activations(model.layers[k - 1].specific[m], layer.targets[m])
-                    parts["h"].append(parts["y"][-1] if hidden is None else hidden.double().numpy()[keep])
+    with torch.no_grad():  # _hidden_activations runs modules outside the forward pass
+        for _, k, m, layer, real in layer_outputs(model, batch_list):
+            keep = real.reshape(-1)
+            rows = lambda t: t.reshape(t.shape[0] * t.shape[1], -1).double().numpy()[keep]  # noqa: E731
+            parts = collected.setdefault((k, m), {"y": [], "t": [], "r": [], "i": [], "h": []})
+            parts["y"].append(rows(layer.specific[m]))
+            parts["t"].append(rows(layer.targets[m]))
+            parts["r"].append(rows(layer.reconstructions[m]))
+            parts["i"].append(rows(layer.indices[m]))
+            hidden = _hidden_activations(model.layers[k - 1].specific[m], layer.targets[m])
+            parts["h"].append(parts["y"][-1] if hidden is None else hidden.double().numpy()[keep])
     expected = {}
     for key, parts in collected.items():
         y, t, r, i, h = (np.concatenate(parts[n]) for n in "ytrih")

@@ -94,12 +94,11 @@ def evaluation_code_use(model, batches: Iterable, *, reduce: Optional[Callable[[
                             labels, fit = labels[keep.reshape(-1)], fit[keep.reshape(-1)]
                         counts = by_class.setdefault((k, m), torch.zeros(2, sizes[k], classes, dtype=torch.float64,
                                                                          device=rows.device))
-                        labelled = (labels >= 0) & (labels < classes)
-                        for half, chosen in enumerate((fit, ~fit)):
-                            take = labelled & chosen
-                            counts[half].index_put_((rows[take, 0].long(), labels[take]),
-                                                    torch.ones(int(take.sum()), dtype=torch.float64,
-                                                               device=rows.device), accumulate=True)
+                        # unlabelled steps and the other half add 0 at a clamped index: one pass, no selection by label
+                        labelled = ((labels >= 0) & (labels < classes)).to(torch.float64)
+                        index = (rows[:, 0].long(), labels.clamp(0, classes - 1))
+                        counts[0].index_put_(index, labelled * fit, accumulate=True)
+                        counts[1].index_put_(index, labelled * ~fit, accumulate=True)
     finally:
         model.train(was_training)
     present = [key for key in keys if key in histograms]
